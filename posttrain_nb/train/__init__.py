@@ -1,0 +1,1 @@
+"Part of posttrain_nb: see the course's train chapters."

@@ -1,0 +1,41 @@
+"The shared training loop under `accelerate launch` with 2 CPU processes (gloo) matches a 1-process run."
+import json, os, subprocess, sys, textwrap
+import pytest
+from conftest import bin_path
+
+SCRIPT = textwrap.dedent('''
+    import json, sys, torch
+    from accelerate import Accelerator
+    from posttrain_nb.core import TrainConfig, train_loop, set_seed
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__(); self.lin = torch.nn.Linear(4, 1)
+        def forward(self, x): return self.lin(x)
+    g = torch.Generator().manual_seed(0); X = torch.randn(64, 4, generator=g)
+    data = [(x, x @ torch.tensor([1., -2., 3., .5])) for x in X]
+    collate = lambda ex: {"x": torch.stack([e[0] for e in ex]), "y": torch.stack([e[1] for e in ex])}
+    loss_fn = lambda m, b: ((m(b["x"]).squeeze(-1) - b["y"]) ** 2).mean()
+    set_seed(0); model = Toy()
+    acc = Accelerator(cpu=True)
+    res = train_loop(model, loss_fn, data, TrainConfig(steps=40, batch_size=8, lr=0.1, warmup_steps=2),
+                     collate=collate, accelerator=acc, progress=False)
+    if acc.is_main_process:
+        w = acc.unwrap_model(model).lin.weight.detach().flatten().tolist()
+        json.dump({"world": acc.num_processes, "loss": [h["loss"] for h in res.history], "w": w}, open(sys.argv[1], "w"))
+''')
+
+def test_two_processes_match_one(tmp_path):
+    script = tmp_path / "train.py"; script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([bin_path("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                          str(script), str(tmp_path / "two.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert (a["world"], b["world"]) == (1, 2)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert a["w"] == pytest.approx(b["w"], rel=1e-5, abs=1e-6)
+    assert b["loss"][-1] < 0.3 * b["loss"][0]  # and it actually trained
