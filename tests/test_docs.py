@@ -50,5 +50,5 @@ def test_readme_keeps_shell_commands(tmp_path):
     readme = write_readme(dest=tmp_path / "README.md").read_text()
     assert readme.startswith("# posttrain_nb")
     assert '```sh\npip install -e ".[dev]" && posttrain-pipeline\n```' in readme
-    assert "```sh\nnbdev-test && pytest\n```" in readme
+    assert "```sh\nOMP_NUM_THREADS=1 nbdev-test && pytest\n```" in readme
     assert "{target=" not in readme
