@@ -452,10 +452,14 @@ def add_lora(model, # a Hugging Face causal LM
              alpha:int=16, # scaling numerator: the update is (alpha/r)·B·A
              dropout:float=0.0, # dropout on the adapter input
              target_modules:str|list="all-linear", # which linear layers get adapters
+             adapter_name:str="default", # peft name of the adapter (several can live on one model)
             ):
     "Wrap `model` with trainable LoRA adapters (peft); base weights are frozen."
     from peft import LoraConfig, get_peft_model
     if r < 1: raise ValueError(f"LoRA rank r must be >= 1, got {r}")
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                      task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    import warnings
+    with warnings.catch_warnings():  # peft calls a transformers property that transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg, adapter_name=adapter_name)
