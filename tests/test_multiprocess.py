@@ -39,3 +39,40 @@ def test_two_processes_match_one(tmp_path):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     assert a["w"] == pytest.approx(b["w"], rel=1e-5, abs=1e-6)
     assert b["loss"][-1] < 0.3 * b["loss"][0]  # and it actually trained
+
+
+DPO_SCRIPT = textwrap.dedent('''
+    import json, sys, torch
+    from accelerate import Accelerator
+    from posttrain_nb import zoo
+    from posttrain_nb.core import TrainConfig, set_seed
+    from posttrain_nb.tasks import ArithTask
+    from posttrain_nb.train.dpo import train_dpo
+    items = ArithTask().sample(48, seed=7, split="train")
+    rows = [{"prompt": it.prompt, "chosen": it.solution,
+             "rejected": it.solution.replace(f"Answer: {it.answer}", f"Answer: {it.answer + 3}")} for it in items]
+    model, tok = zoo.load("base")
+    acc = Accelerator(cpu=True)
+    set_seed(0)  # the LoRA initialisation must be the same in every process
+    model, res = train_dpo(model, tok, rows, TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=1),
+                           beta=0.1, lora_r=4, accelerator=acc, progress=False)
+    if acc.is_main_process:
+        json.dump({"world": acc.num_processes, "loss": [h["loss"] for h in res.history]}, open(sys.argv[1], "w"))
+''')
+
+def test_dpo_two_processes_match_one(tmp_path):
+    "The DPO trainer under `accelerate launch` (2 CPU processes, gloo) gives the 1-process loss curve."
+    script = tmp_path / "dpo.py"; script.write_text(DPO_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([bin_path("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
+                          str(script), str(tmp_path / "two.json")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert (a["world"], b["world"]) == (1, 2)
+    assert a["loss"][0] == pytest.approx(0.6931472, abs=1e-5)  # theta = ref at step 0
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    assert b["loss"][-1] < a["loss"][0] - 0.05  # and it learned
