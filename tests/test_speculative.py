@@ -1,0 +1,117 @@
+"Speculative decoding is lossless: greedy is token-identical, sampling matches the target's distribution."
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from posttrain_nb.core import set_seed
+from posttrain_nb.serve.speculative import (speculative_generate, speculative_step_probs, verify_draft,
+                                            residual_distribution, sampling_probs, crop_cache, check_pair,
+                                            expected_tokens_per_call)
+
+V = 12
+
+def tiny_llama(layers, seed, vocab=V):
+    set_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_llama(2, 0), tiny_llama(1, 1)
+
+def chi2_pvalue(counts, probs):
+    "Pearson χ² p-value, pooling bins whose expected count is below 5."
+    n = counts.sum(); exp = probs * n
+    keep = exp >= 5
+    c = torch.cat([counts[keep], counts[~keep].sum()[None]]); e = torch.cat([exp[keep], exp[~keep].sum()[None]])
+    if e[-1] < 5: c, e = c[:-1], e[:-1]
+    stat = ((c - e) ** 2 / e).sum()
+    return float(torch.special.gammaincc(torch.tensor((len(c) - 1) / 2, dtype=torch.float64), stat.double() / 2))
+
+def greedy_reference(model, prompt, n):
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+@pytest.mark.parametrize("gamma", [1, 2, 5, 9])
+def test_greedy_identical_to_target(pair, gamma):
+    target, draft = pair
+    g = torch.Generator().manual_seed(gamma)
+    for _ in range(6):
+        prompt = torch.randint(0, V, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        ids, st = speculative_generate(target, draft, prompt, max_new_tokens=n, gamma=gamma)
+        assert ids[0, len(prompt):].tolist() == greedy_reference(target, prompt, n)
+        assert st.new_tokens == n and sum(a + 1 for a in st.accepted) >= n
+
+def test_greedy_with_eos_stops_like_target(pair):
+    target, draft = pair
+    prompt = [3, 1, 4]
+    full = greedy_reference(target, prompt, 25)
+    eos = full[7]  # a token the target emits: decoding must stop right after its first occurrence
+    ids, _ = speculative_generate(target, draft, prompt, max_new_tokens=25, gamma=4, eos_token_id=eos)
+    assert ids[0, 3:].tolist() == full[:full.index(eos) + 1]
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampling_matches_target_distribution(pair, top_k):
+    target, draft = pair
+    prompt, tau = [2, 7, 1], 0.8
+    with torch.no_grad():
+        p1 = sampling_probs(target(torch.tensor([prompt])).logits[0, -1], tau, top_k)
+        nxt = sampling_probs(target(torch.tensor([prompt + [v] for v in range(V)])).logits[:, -1], tau, top_k)
+    p2 = (p1[:, None] * nxt).sum(0)
+    c1, c2 = torch.zeros(V), torch.zeros(V)
+    for s in range(2000):
+        ids, _ = speculative_generate(target, draft, prompt, max_new_tokens=2, gamma=3, temperature=tau,
+                                      top_k=top_k, seed=s)
+        c1[ids[0, 3]] += 1; c2[ids[0, 4]] += 1
+    assert chi2_pvalue(c1, p1) > 1e-3 and chi2_pvalue(c2, p2) > 1e-3
+
+def test_rejection_rule_needs_the_residual():
+    g = torch.Generator().manual_seed(0)
+    p, q = (1.5 * torch.randn(6, generator=g)).softmax(-1), (1.5 * torch.randn(6, generator=g)).softmax(-1)
+    P, Q = p.expand(3, -1), q.expand(2, -1)
+    for residual, should_pass in ((True, True), (False, False)):
+        counts = torch.zeros(6)
+        for _ in range(12_000):
+            d = torch.multinomial(q, 2, replacement=True, generator=g)
+            n, t = verify_draft(P, Q, d, g, residual=residual)
+            counts[int(d[0]) if n else t] += 1
+        assert (chi2_pvalue(counts, p) > 1e-3) == should_pass
+
+def test_step_probs_property():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(2, 40), st.integers(0, 10_000), st.floats(0.1, 5.0))
+    def check(v, seed, scale):
+        g = torch.Generator().manual_seed(seed)
+        p = (scale * torch.randn(v, generator=g, dtype=torch.float64)).softmax(-1)
+        q = (scale * torch.randn(v, generator=g, dtype=torch.float64)).softmax(-1)
+        assert torch.allclose(speculative_step_probs(p, q), p, atol=1e-9)
+        r = residual_distribution(p, q)
+        assert torch.all(r >= 0) and abs(float(r.sum()) - 1) < 1e-9
+        assert torch.all(r[q >= p] == 0)  # the residual never puts mass where the draft already over-proposes
+    check()
+
+def test_cache_crop_and_draft_equal_target(pair):
+    target, _ = pair
+    with torch.no_grad():
+        cache = target(torch.tensor([[1, 2, 3, 4, 5]]), use_cache=True).past_key_values
+    crop_cache(cache, 3)
+    assert cache.get_seq_length() == 3
+    with pytest.raises(ValueError, match="cannot crop"): crop_cache(cache, 4)
+    ids, st = speculative_generate(target, target, [1, 2], max_new_tokens=20, gamma=4)
+    assert st.accepted[:-1] == [4] * (len(st.accepted) - 1)  # p == q: every draft accepted
+    assert st.tokens_per_call == pytest.approx(20 / st.target_calls)
+    assert expected_tokens_per_call(1.0, 4) == 5
+
+def test_bad_input(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="different vocab sizes"): speculative_generate(target, tiny_llama(1, 0, 13), [1])
+    with pytest.raises(ValueError, match="gamma"): speculative_generate(target, draft, [1], gamma=0)
+    with pytest.raises(ValueError, match="temperature"): speculative_generate(target, draft, [1], temperature=-0.5)
+    with pytest.raises(ValueError, match="batch size 1"): speculative_generate(target, draft, [[1], [2]])
+    with pytest.raises(ValueError, match="non-empty"): speculative_generate(target, draft, [])
