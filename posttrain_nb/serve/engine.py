@@ -459,9 +459,12 @@ class LLM:
         return [self._finished[i] for i in range(len(prompts))]
 
 # %% ../../nbs/45_engine.ipynb #b0cdea79
-def _serve_stage(state, n_test:int=500, max_tokens:int=48, max_num_seqs:int=256, **_):
-    "Pipeline stage: serve state.model with the paged engine on the pipeline's test items (same n_test and seed)."
+def _serve_stage(state, n_test:int=500, max_tokens:int=48, max_num_seqs:int=256, quantize:str|None="nvfp4", **_):
+    "Pipeline stage: quantize state.model to FP4 (unless quantize=None or it already is) and serve it with the paged engine."
     from posttrain_nb.tasks import is_correct
+    from posttrain_nb.serve.fp4_kernel import FP4Linear, quantize_model
+    if quantize and not any(isinstance(m, FP4Linear) for m in state.model.modules()):
+        state.model = quantize_model(state.model, fmt=quantize, inplace=True)
     items = state.task.sample(n_test, seed=state.seed, split="test")
     llm = LLM(state.model, state.tokenizer, max_num_seqs=max_num_seqs)
     t0 = time.perf_counter()
@@ -471,7 +474,8 @@ def _serve_stage(state, n_test:int=500, max_tokens:int=48, max_num_seqs:int=256,
     n_tok = sum(len(o.token_ids) for o in outs)
     ttft = sorted(o.metrics.ttft for o in outs)
     return {"tokens_per_second": n_tok / dt, "accuracy": sum(is_correct(i, o.text) for i, o in zip(items, outs)) / len(items),
-            "ttft_p50_ms": 1e3 * ttft[len(ttft) // 2], "preemptions": llm.scheduler.num_preemptions}
+            "ttft_p50_ms": 1e3 * ttft[len(ttft) // 2], "preemptions": llm.scheduler.num_preemptions,
+            "weights": quantize or "as given"}
 
 from ..pipeline import register_stage
-register_stage("serve", _serve_stage, "serve the model with the paged-KV continuous-batching engine (tokens/s, accuracy)")
+register_stage("serve", _serve_stage, "quantize to NVFP4 and serve with the paged-KV continuous-batching engine (tokens/s, accuracy)")
