@@ -169,20 +169,20 @@ def sample_preference_pairs(model, # the behaviour policy that writes the sample
     return to_preference_pairs(items, samples, gold_fallback=gold_fallback, seed=seed)
 
 # %% ../../nbs/22_dpo.ipynb #c7755470
-def _dpo_stage(state, n_prompts:int=1024, n_samples:int=4, steps:int=60, beta:float=0.1, lr:float=2e-4,
-               batch_size:int=32, lora_r:int=8, loss_type:str="sigmoid", **_):
+def _dpo_stage(state, n_prompts:int=1024, n_samples:int=4, steps:int=40, beta:float=0.1, lr:float=1e-3,
+               nll_weight:float=1.0, batch_size:int=32, lora_r:int=8, loss_type:str="sigmoid", **_):
     "Pipeline stage: DPO on verifier-labelled pairs sampled from the current model."
     items = state.task.sample(n_prompts, seed=state.seed + 1, split="train")
     rows = sample_preference_pairs(state.model, state.tokenizer, items, n=n_samples, seed=state.seed)
     if not rows: raise ValueError("no preference pairs: every prompt's samples were all right or all wrong; "
                                   "raise n_samples or n_prompts")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 12), seed=state.seed)
-    model, res = train_dpo(state.model, state.tokenizer, rows, cfg, beta=beta, loss_type=loss_type, lora_r=lora_r,
-                           progress=state.progress)
+    model, res = train_dpo(state.model, state.tokenizer, rows, cfg, beta=beta, loss_type=loss_type,
+                           nll_weight=nll_weight, lora_r=lora_r, progress=state.progress)
     state.model = model.merge_and_unload()
     last = res.history[-1]
     return {"pairs": len(rows), "loss": last["loss"], "reward_margin": last["rewards/margins"],
             "train_tokens_per_second": res.tokens_per_second}
 
 from ..pipeline import register_stage
-register_stage("dpo", _dpo_stage, "DPO (LoRA) on verifier-labelled pairs sampled from the current model")
+register_stage("dpo", _dpo_stage, "DPO + NLL (LoRA) on verifier-labelled pairs sampled from the current model")
