@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_pipeline.ipynb #95810cfa
 from __future__ import annotations
-import importlib, json, os, time
+import importlib, inspect, json, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +25,9 @@ class Stage:
 
 STAGES: dict = {}
 # modules whose import registers stages; later chapters append theirs
-STAGE_MODULES = ["posttrain_nb.train.sft", "posttrain_nb.infer.routing", "posttrain_nb.infer.calibration"]
+STAGE_MODULES = ["posttrain_nb.train.sft", "posttrain_nb.train.distill", "posttrain_nb.train.dpo", "posttrain_nb.train.bpo",
+                 "posttrain_nb.infer.routing", "posttrain_nb.infer.calibration", "posttrain_nb.serve.fp4_kernel",
+                 "posttrain_nb.serve.engine", "posttrain_nb.serve.speculative"]
 
 def register_stage(name:str, # the name users pass to --stages
                    run:Callable, # run(state, **options) -> dict
@@ -94,7 +96,14 @@ def run_pipeline(stages:list, # stage names, run in order
     for s in stages:
         set_seed(seed)
         t0 = time.perf_counter()
-        extra = reg[s].run(state, **(options or {}).get(s, {})) or {}
+        opts = dict((options or {}).get(s, {}))
+        if "n_test" in inspect.signature(reg[s].run).parameters:
+            opts.setdefault("n_test", n_test)  # stages that report their own accuracy use the same test problems
+        extra = reg[s].run(state, **opts) or {}
+        # hand the next stage a plain model, trainable like a fresh from_pretrained one (merging LoRA leaves the
+        # base weights frozen, and a full fine-tuning stage after it would find nothing to train)
+        for p in state.model.parameters():
+            if p.is_floating_point(): p.requires_grad_(True)
         evaluate_row(state, s, items, time.perf_counter() - t0, extra)
     if state.out: write_report(state)
     return state
