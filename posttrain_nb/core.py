@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['set_seed', 'get_device', 'pad_sequences', 'render_prompts', 'encode_for_training', 'logprobs_from_logits',
-           'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'Generation', 'generate', 'save_safetensors_atomic',
-           'load_safetensors', 'TrainConfig', 'lr_at', 'TrainResult', 'train_loop', 'add_lora']
+__all__ = ['set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts', 'encode_for_training',
+           'logprobs_from_logits', 'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'Generation', 'generate',
+           'save_safetensors_atomic', 'load_safetensors', 'TrainConfig', 'lr_at', 'TrainResult', 'train_loop',
+           'add_lora']
 
 # %% ../nbs/00_core.ipynb #18980478
 def set_seed(seed:int, # the seed for python, numpy and torch
@@ -33,6 +34,22 @@ def get_device(device:str|torch.device|None=None, # 'cpu', 'cuda', 'cuda:1', ...
     if torch.cuda.is_available(): return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
+
+def enable_triton_interpreter(force:bool=False, # also on a machine with a CUDA GPU (for debugging kernels)
+                             ) -> bool: # True when Triton kernels will run in Triton's interpreter
+    "Run Triton kernels in Triton's CPU interpreter when there is no GPU, even if triton was already imported."
+    import importlib, os, sys
+    if torch.cuda.is_available() and not force: return os.environ.get("TRITON_INTERPRET") == "1"
+    os.environ["TRITON_INTERPRET"] = "1"
+    tl = sys.modules.get("triton.language")
+    if tl is not None:
+        # triton picks interpreted or compiled when a function is decorated; transformers imports triton on every
+        # model load, so its own @triton.jit helpers (tl.max, tl.sum, ...) may predate the variable: redecorate them
+        from triton.runtime.jit import JITFunction
+        if isinstance(getattr(tl, "max", None), JITFunction):
+            for name in ("triton.language.standard", "triton.language.random", "triton.language"):
+                if name in sys.modules: importlib.reload(sys.modules[name])
+    return True
 
 # %% ../nbs/00_core.ipynb #2e3f4d9a
 def pad_sequences(seqs:Sequence[Sequence[int]], # token id lists of different lengths

@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy, os, warnings
 
 import torch
+from ..core import enable_triton_interpreter
 # Triton kernels run on the CPU only through its interpreter, which must be on before any @triton.jit runs
-if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available(): enable_triton_interpreter()
 
 import triton
 import triton.language as tl

@@ -9,9 +9,10 @@ import math, os
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # Triton reads this when @triton.jit runs, so it must be set before the kernels below
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from ..core import enable_triton_interpreter
+
 try:
+    if not torch.cuda.is_available(): enable_triton_interpreter()  # before the @triton.jit kernels below are defined
     import triton
     import triton.language as tl
     HAS_TRITON = True
