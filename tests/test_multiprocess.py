@@ -24,18 +24,23 @@ SCRIPT = textwrap.dedent('''
         json.dump({"world": acc.num_processes, "loss": [h["loss"] for h in res.history], "w": w}, open(sys.argv[1], "w"))
 ''')
 
-def test_two_processes_match_one(tmp_path):
-    script = tmp_path / "train.py"; script.write_text(SCRIPT)
+def run_one_and_two(tmp_path, source, name, port, timeout=600):
+    "Run a training script as 1 process and under `accelerate launch` with 2 CPU processes; return both JSON results."
+    script = tmp_path / f"{name}.py"; script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert one.returncode == 0, one.stderr
+                         env=env, timeout=timeout)
+    assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([bin_path("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-                          str(script), str(tmp_path / "two.json")], capture_output=True, text=True, env=env, timeout=300)
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                          str(script), str(tmp_path / "two.json")], capture_output=True, text=True, env=env, timeout=timeout)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert (a["world"], b["world"]) == (1, 2)
+    return a, b
+
+def test_two_processes_match_one(tmp_path):
+    a, b = run_one_and_two(tmp_path, SCRIPT, "train", 29517, timeout=300)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     assert a["w"] == pytest.approx(b["w"], rel=1e-5, abs=1e-6)
     assert b["loss"][-1] < 0.3 * b["loss"][0]  # and it actually trained
@@ -62,17 +67,7 @@ DPO_SCRIPT = textwrap.dedent('''
 
 def test_dpo_two_processes_match_one(tmp_path):
     "The DPO trainer under `accelerate launch` (2 CPU processes, gloo) gives the 1-process loss curve."
-    script = tmp_path / "dpo.py"; script.write_text(DPO_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([bin_path("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519",
-                          str(script), str(tmp_path / "two.json")], capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
-    assert (a["world"], b["world"]) == (1, 2)
+    a, b = run_one_and_two(tmp_path, DPO_SCRIPT, "dpo", 29519)
     assert a["loss"][0] == pytest.approx(0.6931472, abs=1e-5)  # theta = ref at step 0
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
     assert b["loss"][-1] < a["loss"][0] - 0.05  # and it learned

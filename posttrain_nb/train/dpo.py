@@ -148,7 +148,7 @@ def train_dpo(model, # a Hugging Face causal LM (wrapped with a fresh LoRA adapt
         b["ref_logps"] = torch.stack([x for _, x in ex])
         return b
     res = train_loop(model, lambda m, b: dpo_batch_loss(m, b, beta, loss_type, nll_weight), data, cfg, collate=collate,
-                     eval_fn=eval_fn, out_dir=out_dir, accelerator=accelerator, progress=progress, desc=loss_type == "sigmoid" and "dpo" or loss_type)
+                     eval_fn=eval_fn, out_dir=out_dir, accelerator=accelerator, progress=progress, desc="dpo" if loss_type == "sigmoid" else loss_type)
     return model, res
 
 # %% ../../nbs/22_dpo.ipynb #86805428
