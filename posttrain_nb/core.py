@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 __all__ = ['set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts', 'encode_texts',
            'pad_token_id', 'context_length', 'encode_for_training', 'logprobs_from_logits', 'token_logprobs',
            'sequence_logprobs', 'masked_lm_loss', 'Generation', 'generate', 'save_safetensors_atomic',
-           'load_safetensors', 'TrainConfig', 'lr_at', 'TrainResult', 'train_loop', 'add_lora']
+           'load_safetensors', 'TrainConfig', 'lr_at', 'TrainResult', 'train_loop', 'add_lora', 'export_model']
 
 # %% ../nbs/00_core.ipynb #18980478
 def set_seed(seed:int, # the seed for python, numpy and torch
@@ -491,3 +491,29 @@ def add_lora(model, # a Hugging Face causal LM
     with warnings.catch_warnings():  # peft calls a transformers property that transformers 5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, cfg, adapter_name=adapter_name)
+
+def export_model(model, # a trained causal LM, plain or with peft LoRA adapters
+                 tokenizer, # its tokenizer (saved beside the weights)
+                 path:str|Path, # the folder to write; replaced atomically if it exists
+                 merge:bool=True, # fold LoRA into the weights (False: save the peft adapter only)
+                ) -> Path:
+    "Write a `from_pretrained` folder (safetensors + config + tokenizer), atomically; the model passed in is left as it was."
+    import copy, shutil
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        peft = hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+        if peft and merge:  # merge a copy, so the caller's model keeps its adapters
+            out = copy.deepcopy(model).merge_and_unload()
+            for p in out.parameters(): p.requires_grad_(True)
+        else: out = model
+        out.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists(): os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists(): shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
