@@ -247,6 +247,7 @@ def collate_completions(examples:list, # dicts with input_ids and completion_mas
     "A right-padded training batch; response_mask marks the tokens the loss trains on."
     ids, mask = pad_sequences([e["input_ids"] for e in examples], pad_id, "right")
     resp, _ = pad_sequences([e["completion_mask"] for e in examples], 0, "right")
+    resp[:, 0] = 0  # nothing precedes the first token, so it is never a target (TRL's shifted labels drop it too)
     return {"input_ids": ids, "attention_mask": mask, "response_mask": resp}
 
 def completion_example(prompt_ids:Sequence[int], # token ids of a rendered prompt
@@ -372,7 +373,7 @@ def encode_preferences(tokenizer, # a Hugging Face tokenizer
     "Validate, tokenise and stack preference rows in one call."
     return collate_preferences(prepare_preferences(tokenizer, data, max_length, truncation_mode), pad_token_id(tokenizer))
 
-# %% ../nbs/03_data.ipynb #f3ab57a6
+# %% ../nbs/03_data.ipynb #8004093b
 def check_same_tokenizer(a, # a Hugging Face tokenizer
                          b, # another one
                          names:tuple=("student", "teacher"), # what to call them in the error

@@ -168,3 +168,15 @@ def test_dataset_and_datasetdict(zoo_pair):
     assert _ours_sft(tok, dd) == _ours_sft(tok, CONV_PC)  # the train split by default
     assert len(prepare_sft(tok, dd, split="test")) == 1
     with pytest.raises(ValueError, match="has no 'train' split"): prepare_sft(tok, datasets.DatasetDict({"test": ds}))
+
+
+def test_train_sft_takes_a_datasetdict_of_any_format(zoo_pair):
+    "train_sft's public API: rows in every SFT format, as a DatasetDict; one history dict per optimiser step."
+    from posttrain_nb.core import TrainConfig
+    from posttrain_nb.train.sft import train_sft
+    model, tok = zoo_pair
+    for rows in (CONV_PC, MESSAGES, TEXT_PC, TEXT_LM):
+        dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+        _, res = train_sft(copy.deepcopy(model), tok, dd, TrainConfig(steps=2, batch_size=2, lr=1e-3), lora_r=4,
+                           progress=False)
+        assert [h["step"] for h in res.history] == [1, 2] and all(h["loss"] > 0 for h in res.history)
