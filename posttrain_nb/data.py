@@ -155,7 +155,7 @@ def prompt_ids(tokenizer, # a Hugging Face tokenizer
 
 def prompt_text(tokenizer, # a Hugging Face tokenizer
                 prompt, # anything prompt_ids accepts
-               ) -> str: # the rendered prompt; generate(..., chat=False) on it sees exactly prompt_ids
+               ) -> str: # the rendered prompt, special tokens included
     "The prompt rendered as text (the whole conversation, with the generation prompt), for string-based generation."
     return tokenizer.decode(prompt_ids(tokenizer, prompt))
 
@@ -199,6 +199,12 @@ def tokenize_completion_row(tokenizer, # a Hugging Face tokenizer
         return {"input_ids": ids, "completion_mask": [1] * len(ids)}
     raise ValueError(f"a {kind} row is not an SFT row; SFT reads prompt/completion, messages or text rows")
 
+def _warn_plain(tokenizer, n_plain, n):
+    if n_plain and getattr(tokenizer, "chat_template", None):
+        warnings.warn(f"{n_plain} of {n} rows are plain strings, so they are tokenised as plain text (TRL's standard "
+                      "format) without the tokenizer's chat template, while generation renders prompts with it; pass "
+                      "conversational rows (lists of chat messages) to train on the chat format", stacklevel=3)
+
 def _check_length(n, limit, i, what, fix):
     if limit is not None and n > limit:
         raise ValueError(f"row {i} has {n} tokens{what} but the model's context is {limit}; {fix}")
@@ -217,9 +223,10 @@ def prepare_sft(tokenizer, # a Hugging Face tokenizer
         sl = _slice(truncation_mode, max_length)
         if context is not None and max_length > context:
             raise ValueError(f"max_length={max_length} exceeds the model's context of {context}")
-    out = []
+    out, n_plain = [], 0
     for i, r in enumerate(rows):
         r = as_row(r, tokenizer)
+        n_plain += isinstance(r.get("completion", r.get("text", [])), str)
         kind = row_format(r, i)
         if kind not in ("prompt_completion", "messages", "text"):
             raise ValueError(f"row {i} is a {kind} row; SFT reads prompt/completion, messages or text rows")
@@ -239,6 +246,7 @@ def prepare_sft(tokenizer, # a Hugging Face tokenizer
             raise ValueError(f"row {i} has no token to train on (the chat template left no assistant tokens)")
         _check_length(len(ex["input_ids"]), context, i, "", "pass max_length= to truncate it, or shorten the row")
         out.append({**ex, "index": i})
+    _warn_plain(tokenizer, n_plain, len(rows))
     return out
 
 def collate_completions(examples:list, # dicts with input_ids and completion_mask (e.g. from prepare_sft)
@@ -355,6 +363,7 @@ def prepare_preferences(tokenizer, # a Hugging Face tokenizer
             _check_length(len(ids), context, i, f" ({name})", "pass max_length= to truncate it, or shorten the row")
             ex[f"{name}_ids"], ex[f"{name}_mask"] = ids, mask
         out.append(ex)
+    _warn_plain(tokenizer, sum(isinstance(r["chosen"], str) for r in rows), len(rows))
     return out
 
 def collate_preferences(examples:list, # from prepare_preferences
