@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts', 'encode_for_training',
-           'logprobs_from_logits', 'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'Generation', 'generate',
-           'save_safetensors_atomic', 'load_safetensors', 'TrainConfig', 'lr_at', 'TrainResult', 'train_loop',
-           'add_lora']
+__all__ = ['set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts', 'encode_texts',
+           'pad_token_id', 'context_length', 'encode_for_training', 'logprobs_from_logits', 'token_logprobs',
+           'sequence_logprobs', 'masked_lm_loss', 'Generation', 'generate', 'save_safetensors_atomic',
+           'load_safetensors', 'TrainConfig', 'lr_at', 'TrainResult', 'train_loop', 'add_lora', 'export_model']
 
 # %% ../nbs/00_core.ipynb #18980478
 def set_seed(seed:int, # the seed for python, numpy and torch
@@ -79,16 +79,25 @@ def render_prompts(tokenizer, # a Hugging Face tokenizer
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                           add_generation_prompt=True) for p in prompts]
 
-def _encode(tokenizer, texts):
+def encode_texts(tokenizer, # a Hugging Face tokenizer
+                 texts:Sequence[str], # already-rendered strings (chat template applied, if wanted)
+                ) -> list: # one list of token ids per text
+    "Token ids of each text, with no special tokens added (the rendered text carries them)."
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
-def _pad_id(tokenizer):
+def pad_token_id(tokenizer, # a Hugging Face tokenizer
+                ) -> int:
+    "The id to pad with: the pad token, else the eos token (as TRL does)."
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pid is None: raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     return pid
 
-def _max_len(model):
+def context_length(model, # a Hugging Face model
+                  ) -> int|None: # its max_position_embeddings (None if the config has none)
+    "The longest sequence the model accepts."
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+_encode, _pad_id, _max_len = encode_texts, pad_token_id, context_length  # old private names, kept for other modules until they switch
 
 # %% ../nbs/00_core.ipynb #353abd79
 def encode_for_training(tokenizer, # a Hugging Face tokenizer
@@ -101,8 +110,8 @@ def encode_for_training(tokenizer, # a Hugging Face tokenizer
     "Right-padded prompt+completion batch with a mask over the completion tokens."
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    p_ids = _encode(tokenizer, render_prompts(tokenizer, prompts, chat))
-    c_ids = _encode(tokenizer, completions)
+    p_ids = encode_texts(tokenizer, render_prompts(tokenizer, prompts, chat))
+    c_ids = encode_texts(tokenizer, completions)
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     rows, resp = [], []
     for i, (p, c) in enumerate(zip(p_ids, c_ids)):
@@ -111,7 +120,7 @@ def encode_for_training(tokenizer, # a Hugging Face tokenizer
             raise ValueError(f"row {i} has {len(row)} tokens (prompt {len(p)}) but the model's context is {max_length}; "
                              "shorten the prompt or completion, or use a model with a longer context")
         rows.append(row); resp.append([0] * len(p) + [1] * (len(c) + len(eos)))
-    input_ids, attention_mask = pad_sequences(rows, _pad_id(tokenizer), "right")
+    input_ids, attention_mask = pad_sequences(rows, pad_token_id(tokenizer), "right")
     response_mask, _ = pad_sequences(resp, 0, "right")
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
@@ -470,13 +479,41 @@ def add_lora(model, # a Hugging Face causal LM
              dropout:float=0.0, # dropout on the adapter input
              target_modules:str|list="all-linear", # which linear layers get adapters
              adapter_name:str="default", # peft name of the adapter (several can live on one model)
+             seed:int|None=None, # seed torch before the adapter's random init (same seed, same adapter)
             ):
-    "Wrap `model` with trainable LoRA adapters (peft); base weights are frozen."
+    "Wrap `model` with trainable LoRA adapters (peft); base weights are frozen. Pass `seed` for a reproducible init."
     from peft import LoraConfig, get_peft_model
     if r < 1: raise ValueError(f"LoRA rank r must be >= 1, got {r}")
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                      task_type="CAUSAL_LM")
     import warnings
+    if seed is not None: torch.manual_seed(seed)  # peft draws A (kaiming) from torch's global generator
     with warnings.catch_warnings():  # peft calls a transformers property that transformers 5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, cfg, adapter_name=adapter_name)
+
+def export_model(model, # a trained causal LM, plain or with peft LoRA adapters
+                 tokenizer, # its tokenizer (saved beside the weights)
+                 path:str|Path, # the folder to write; replaced atomically if it exists
+                 merge:bool=True, # fold LoRA into the weights (False: save the peft adapter only)
+                ) -> Path:
+    "Write a `from_pretrained` folder (safetensors + config + tokenizer), atomically; the model passed in is left as it was."
+    import copy, shutil
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        peft = hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+        if peft and merge:  # merge a copy, so the caller's model keeps its adapters
+            out = copy.deepcopy(model).merge_and_unload()
+            for p in out.parameters(): p.requires_grad_(True)
+        else: out = model
+        out.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists(): os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists(): shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -4,13 +4,13 @@
 
 # %% ../nbs/01_tasks.ipynb #7167dede
 from __future__ import annotations
-import hashlib, random, re
+import hashlib, math, random, re
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['SPLITS', 'LEVEL_NAMES', 'MAX_ERRORS', 'CORRUPTIONS', 'split_of', 'ArithItem', 'format_solution', 'ArithTask',
-           'extract_answer', 'is_correct', 'StepError', 'Feedback', 'score_solution', 'corrupt_solution',
-           'to_prompt_completion', 'to_preference_pairs', 'evaluate']
+__all__ = ['SPLITS', 'LEVEL_NAMES', 'MAX_ERRORS', 'CORRUPTIONS', 'HELD_OUT_N', 'split_of', 'ArithItem', 'format_solution',
+           'ArithTask', 'extract_answer', 'is_correct', 'StepError', 'Feedback', 'score_solution', 'corrupt_solution',
+           'to_prompt_completion', 'to_preference_pairs', 'evaluate', 'held_out', 'paired_difference']
 
 # %% ../nbs/01_tasks.ipynb #fbe1bd7d
 SPLITS = {"test": (0,), "val": (1,), "train": tuple(range(2, 10))}
@@ -332,7 +332,7 @@ def evaluate(model, # a Hugging Face causal LM
              batch_size:int=128, # prompts per generation batch
              progress:bool=False, # progress bar over batches
              **gen_kwargs, # passed to core.generate (temperature, top_k, top_p, seed)
-            ) -> dict: # accuracy, by_difficulty, n, tokens_per_second, seconds, texts
+            ) -> dict: # accuracy, stderr, by_difficulty, n, tokens_per_second, seconds, texts, correct
     "Accuracy of `model` on `items`, overall and per difficulty label."
     from posttrain_nb.core import generate
     if not items: raise ValueError("evaluate got no items")
@@ -341,7 +341,25 @@ def evaluate(model, # a Hugging Face causal LM
     ok = [is_correct(i, t) for i, t in zip(items, g.texts)]
     by = {}
     for i, c in zip(items, ok): by.setdefault(i.difficulty, []).append(c)
-    return {"accuracy": sum(ok) / len(ok), "n": len(ok),
+    acc = sum(ok) / len(ok)
+    return {"accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / len(ok)), "n": len(ok),
             "by_difficulty": {k: sum(v) / len(v) for k, v in sorted(by.items(), key=lambda kv: LEVEL_NAMES.index(kv[0]))},
             "tokens_per_second": g.n_tokens / max(g.seconds, 1e-9), "seconds": g.seconds, "texts": g.texts,
             "correct": ok}
+
+HELD_OUT_N = 500
+
+def held_out(n:int=HELD_OUT_N, # how many problems (every chapter quotes accuracy on the default 500)
+            ) -> list: # ArithItems
+    "The course's one evaluation set: the default task's test split, seed 0. Every chapter quotes accuracy on it."
+    return ArithTask().sample(n, seed=0, split="test")
+
+def paired_difference(correct_a:list, # per-item 0/1 (or bool) outcomes of method A
+                      correct_b:list, # the same items' outcomes of method B
+                     ) -> tuple: # (mean of a - b, its standard error)
+    "Accuracy difference of two methods graded on the same items, with the paired standard error."
+    if len(correct_a) != len(correct_b) or len(correct_a) < 2:
+        raise ValueError(f"need two outcome lists of the same length >= 2, got {len(correct_a)} and {len(correct_b)}")
+    d = [float(a) - float(b) for a, b in zip(correct_a, correct_b)]
+    m = sum(d) / len(d)
+    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))

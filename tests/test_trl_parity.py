@@ -9,7 +9,8 @@ datasets = pytest.importorskip("datasets")
 from posttrain_nb import zoo
 from posttrain_nb.core import sequence_logprobs, set_seed
 from posttrain_nb.tasks import ArithTask
-from posttrain_nb.train.dpo import dpo_loss, encode_preferences
+from posttrain_nb.data import encode_preferences
+from posttrain_nb.train.dpo import dpo_loss
 
 
 def _rows(n=12, seed=0):
@@ -59,8 +60,7 @@ def test_tokenisation_matches_trl(tmp_path):
     "Our [chosen; rejected] encoding of conversational rows gives TRL's tokens and completion mask."
     rows = _rows(6, seed=1)
     batch, _, _, _, tok = _trl_batch_and_loss(tmp_path, "sigmoid", 0.1, rows)
-    triples = [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
-    ours = encode_preferences(tok, triples)
+    ours = encode_preferences(tok, rows)
     def rows_of(ids, am, rm):  # (tokens, completion mask) per real row; TRL's loader shuffles, so compare as sorted lists
         return [(tuple(i[a.bool()].tolist()), tuple(r[a.bool()].tolist())) for i, a, r in zip(ids, am, rm)]
     o = rows_of(ours["input_ids"], ours["attention_mask"], ours["response_mask"])

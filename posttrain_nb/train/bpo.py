@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..core import TrainConfig, train_loop, set_seed, add_lora, _max_len
+from ..core import TrainConfig, train_loop, set_seed, add_lora, context_length, pad_token_id
+from ..data import prepare_preferences, collate_preferences
 from ..tasks import ArithTask, evaluate
-from .reward import check_preference_rows
-from .dpo import (encode_preferences, reference_logps, dpo_batch_loss, sample_preference_pairs)
+from .dpo import reference_logps, dpo_batch_loss, sample_preference_pairs
 from .sft import train_sft
 
 # %% auto #0
@@ -58,8 +58,8 @@ class PhaseStats:
     accuracy: float # greedy accuracy of the behaviour model after the phase (nan when no eval items)
     win_rate: float # vs the starting model on eval items: (wins + ties/2) / n, judged by the verifier
 
-def _dpo_weights(model, tokenizer, triples, ref, beta):
-    lp = reference_logps(model, tokenizer, triples, disable_adapter=False)
+def _dpo_weights(model, tokenizer, examples, ref, beta):
+    lp = reference_logps(model, tokenizer, examples, disable_adapter=False)
     rw, rl = (beta * (lp - ref)).unbind(-1)
     return torch.sigmoid(rl - rw)
 
@@ -90,7 +90,7 @@ def online_preference_training(
     if len(items) < phases: raise ValueError(f"{len(items)} prompts cannot be split into {phases} phases")
     set_seed(seed)
     names = [f"member{k}" for k in range(members)]
-    pm = add_lora(model, r=lora_r, alpha=2 * lora_r, adapter_name=names[0])
+    pm = add_lora(model, r=lora_r, alpha=2 * lora_r, adapter_name=names[0], seed=seed)
     for k, n in enumerate(names[1:], 1):
         torch.manual_seed(seed + k); pm.add_adapter(n, pm.peft_config[names[0]])
     if member_init_steps:
@@ -103,24 +103,24 @@ def online_preference_training(
     if eval_items:
         with pm.disable_adapter(): initial_correct = evaluate(pm, tokenizer, eval_items)["correct"]
     chunks = [items[f::phases] for f in range(phases)]
-    stats, limit = [], _max_len(pm)
+    stats, limit, pad = [], context_length(pm), pad_token_id(tokenizer)
     for f in tqdm(range(phases), desc="phases", disable=not progress):
         behaviour = average_adapters(pm, names, "behaviour")
         pm.set_adapter(behaviour)
         rows = sample_preference_pairs(pm, tokenizer, chunks[f], n=n_samples, temperature=temperature, seed=seed + f)
-        triples = check_preference_rows(rows) if rows else []
+        ex = prepare_preferences(tokenizer, rows, context=limit) if rows else []
         weights, losses = torch.zeros(0), []
-        if triples:
-            ref = reference_logps(pm, tokenizer, triples, disable_adapter=reference == "initial")
-            data = [(t, ref[i]) for i, t in enumerate(triples)]
-            def collate(ex):
-                b = encode_preferences(tokenizer, [t for t, _ in ex], limit); b["ref_logps"] = torch.stack([x for _, x in ex])
+        if ex:
+            ref = reference_logps(pm, tokenizer, ex, disable_adapter=reference == "initial")
+            data = [(e, ref[i]) for i, e in enumerate(ex)]
+            def collate(batch):
+                b = collate_preferences([e for e, _ in batch], pad); b["ref_logps"] = torch.stack([x for _, x in batch])
                 return b
             ws = []
             for n in names:
                 pm.set_adapter(n)
-                ws.append(_dpo_weights(pm, tokenizer, triples, ref, beta))
-                cfg = TrainConfig(steps=steps_per_phase, batch_size=min(batch_size, len(triples)), lr=lr,
+                ws.append(_dpo_weights(pm, tokenizer, ex, ref, beta))
+                cfg = TrainConfig(steps=steps_per_phase, batch_size=min(batch_size, len(ex)), lr=lr,
                                   warmup_steps=0, schedule="constant", seed=seed + f)
                 res = train_loop(pm, lambda m, b: dpo_batch_loss(m, b, beta, nll_weight=nll_weight), data, cfg, collate=collate, progress=False)
                 losses.append(res.history[-1]["loss"])
@@ -132,7 +132,7 @@ def online_preference_training(
             wins = sum(a and not b for a, b in zip(ev["correct"], initial_correct))
             ties = sum(a == b for a, b in zip(ev["correct"], initial_correct))
             win = (wins + ties / 2) / len(eval_items)
-        stats.append(PhaseStats(f + 1, len(triples), weights.mean().item() if len(weights) else float("nan"),
+        stats.append(PhaseStats(f + 1, len(ex), weights.mean().item() if len(weights) else float("nan"),
                                 weights.std(unbiased=False).item() if len(weights) else float("nan"),
                                 sum(losses) / len(losses) if losses else float("nan"), acc, win))
     pm.set_adapter("behaviour")
@@ -141,7 +141,7 @@ def online_preference_training(
 
 # %% ../../nbs/23_bpo.ipynb #1bb52699
 def _bpo_stage(state, n_prompts:int=512, phases:int=4, members:int=4, steps:int=60, beta:float=0.1, lr:float=5e-4,
-               nll_weight:float=1.0, member_init_steps:int=20, **_):
+               nll_weight:float=1.0, member_init_steps:int=20):
     "Pipeline stage: BPO (behaviour model as reference, LoRA ensemble) on verifier-labelled pairs."
     items = state.task.sample(n_prompts, seed=state.seed + 1, split="train")
     model, stats = online_preference_training(state.model, state.tokenizer, items, phases=phases, members=members,

@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core import (TrainConfig, TrainResult, train_loop, pad_sequences, render_prompts, token_logprobs,
-                               _encode, _pad_id)
+from ..core import TrainConfig, TrainResult, train_loop, pad_sequences, token_logprobs, encode_texts, pad_token_id
+from ..data import prompt_ids, completion_example, collate_completions, check_same_tokenizer
 
 # %% auto #0
 __all__ = ['METHODS', 'kd_loss', 'lm_vocab_size', 'check_same_vocab', 'SKDSample', 'skd_sample', 'completion_perplexity',
@@ -60,14 +60,14 @@ def _sample(logits:torch.Tensor, temperature:float) -> torch.Tensor:
 
 class _CachedDecoder:
     "Incremental decoding for one model: the first call reads the whole (left-padded) prompt, later calls one token."
-    def __init__(self, model): self.model, self.cache = model, None
+    def __init__(self, model, vocab_size=None): self.model, self.cache, self.V = model, None, vocab_size
     def __call__(self, ids, mask):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         if self.cache is not None: ids, pos = ids[:, -1:], pos[:, -1:]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         self.cache = out.past_key_values
-        return out.logits[:, -1].float()
+        return out.logits[:, -1, :self.V].float()
 
 def lm_vocab_size(model, # a causal LM
                  ) -> int: # rows of its output head
@@ -76,19 +76,27 @@ def lm_vocab_size(model, # a causal LM
 
 def check_same_vocab(student, # the student model
                      teacher, # the teacher model
-                     tokenizer=None, # the student's tokenizer (optional)
-                     teacher_tokenizer=None, # the teacher's tokenizer (optional)
-                    ) -> int: # the shared vocabulary size
-    "Refuse to distill between models that do not share one vocabulary."
+                     tokenizer=None, # the shared tokenizer (its length is the vocabulary the two share)
+                     teacher_tokenizer=None, # the teacher's own tokenizer, compared with `tokenizer` token by token
+                    ) -> int: # V: compare logits[..., :V]
+    "The vocabulary student and teacher share; refuses different tokenizers, accepts output layers padded beyond it."
     vs, vt = lm_vocab_size(student), lm_vocab_size(teacher)
-    if vs != vt:
-        raise ValueError(f"student and teacher vocabularies differ ({vs} vs {vt} logits per position); token-level KD "
-                         "and SKD need one shared tokenizer: pick a student from the teacher's family")
-    if tokenizer is not None and teacher_tokenizer is not None and tokenizer is not teacher_tokenizer \
-            and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise ValueError("the student's and teacher's tokenizers map tokens to different ids (tokenizer mismatch); "
-                         "token-level KD compares distributions id by id, so both must use the same tokenizer")
-    return vs
+    if tokenizer is not None and teacher_tokenizer is not None:
+        try: check_same_tokenizer(tokenizer, teacher_tokenizer)
+        except ValueError as e:
+            raise ValueError(f"{e} (tokenizer mismatch: token-level KD compares distributions id by id)") from None
+    if tokenizer is None:
+        if vs != vt:
+            raise ValueError(f"student and teacher vocabularies differ ({vs} vs {vt} logits per position) and no "
+                             "tokenizer says which ids they share; pass the shared tokenizer, or pick a student from "
+                             "the teacher's family")
+        return vs
+    V = len(tokenizer)
+    for name, n in (("student", vs), ("teacher", vt)):
+        if n < V:
+            raise ValueError(f"the {name} has {n} logits per position but the tokenizer has {V} tokens; the "
+                             "vocabularies differ, so token-level KD cannot compare them")
+    return V  # a head padded beyond the tokenizer (to a multiple of 64, say) is fine: logits are sliced to V
 
 # %% ../../nbs/11_distill.ipynb #b606f6e0
 @dataclass
@@ -114,6 +122,7 @@ def skd_sample(student, # the student causal LM: proposes every token
                eos_id:int|None=None, # stop a row after this token
                pad_id:int=0, # id used for left padding (and after eos)
                seed:int|None=None, # seed the global torch generator first
+               vocab_size:int|None=None, # compare logits[..., :vocab_size] (check_same_vocab's V); None: equal heads
               ) -> SKDSample:
     "Speculative-KD sequences: the student proposes each token, the teacher replaces proposals outside its top-K."
     if top_k < 0: raise ValueError(f"top_k must be >= 0 (0: teacher sampling; >= vocabulary: student sampling), got {top_k}")
@@ -123,14 +132,14 @@ def skd_sample(student, # the student causal LM: proposes every token
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not len(prompt_ids) or isinstance(prompt_ids[0], int):
         raise ValueError("prompt_ids must be a non-empty list of token-id lists, one per prompt")
-    V = check_same_vocab(student, teacher)
+    V = vocab_size or check_same_vocab(student, teacher)
     if seed is not None: torch.manual_seed(seed)
     run_student, run_teacher = top_k > 0, top_k < V
     device = next(student.parameters()).device
     ids, mask = pad_sequences(prompt_ids, pad_id, "left")
     ids, mask = ids.to(device), mask.to(device)
     B, t0 = ids.shape[0], time.perf_counter()
-    draft, judge = _CachedDecoder(student), _CachedDecoder(teacher)
+    draft, judge = _CachedDecoder(student, V), _CachedDecoder(teacher, V)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     toks, reps = [], []
     modes = student.training, teacher.training
@@ -189,16 +198,10 @@ def completion_perplexity(model, # a causal LM
 # %% ../../nbs/11_distill.ipynb #a9c89c54
 METHODS = ("skd", "on_policy", "supervised")
 
-def _prompt_text(p):
-    "A user prompt from a string or a task item."
-    if isinstance(p, str): return p
-    if hasattr(p, "prompt"): return p.prompt
-    raise ValueError(f"prompts must be strings or task items with a .prompt, got {type(p).__name__}")
-
 def distill(student, # the causal LM to train, in place
             teacher, # the frozen teacher causal LM (same tokenizer)
             tokenizer, # the shared tokenizer (with the chat template)
-            prompts:Sequence, # user prompts: strings or task items
+            prompts:Sequence, # user messages, task items, conversations or TRL prompt rows
             method:str="skd", # 'skd', 'on_policy' or 'supervised'
             steps:int=100, # optimiser steps
             top_k:int=25, # SKD's K (the paper's value; on a small vocabulary a smaller K is more selective)
@@ -223,13 +226,15 @@ def distill(student, # the causal LM to train, in place
     if not len(prompts): raise ValueError("distill got no prompts")
     if top_k < 0: raise ValueError(f"top_k must be >= 0, got {top_k}")
     V = check_same_vocab(student, teacher, tokenizer, teacher_tokenizer)
-    texts = [_prompt_text(p) for p in prompts]
-    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
-    p_ids = _encode(tokenizer, render_prompts(tokenizer, texts))
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
+    p_ids = []
+    for i, p in enumerate(prompts):
+        try: p_ids.append(prompt_ids(tokenizer, p))
+        except ValueError as e: raise ValueError(f"prompt {i}: {e}") from None
     if completions is not None:
         if method != "supervised": raise ValueError("completions are a fixed dataset: use them with method='supervised'")
-        if len(completions) != len(texts): raise ValueError(f"{len(texts)} prompts but {len(completions)} completions")
-        fixed = {i: (c + [eos], [True] * (len(c) + 1)) for i, c in enumerate(_encode(tokenizer, list(completions)))}
+        if len(completions) != len(p_ids): raise ValueError(f"{len(p_ids)} prompts but {len(completions)} completions")
+        fixed = {i: (c + [eos], [True] * (len(c) + 1)) for i, c in enumerate(encode_texts(tokenizer, list(completions)))}
     else: fixed = {}
     k = {"skd": top_k, "on_policy": V, "supervised": 0}[method]
     order_rng, queue, pool = torch.Generator().manual_seed(seed), [], []
@@ -244,7 +249,7 @@ def distill(student, # the causal LM to train, in place
         made = {}
         if todo:
             s = skd_sample(student, teacher, [p_ids[i] for i in todo], k, max_new_tokens, temperature,
-                           teacher_temperature, eos_id=eos, pad_id=pad)
+                           teacher_temperature, eos_id=eos, pad_id=pad, vocab_size=V)
             made = dict(zip(todo, zip(s.completion_ids, s.replaced)))
             if method == "supervised": fixed.update(made)
         src = fixed if method == "supervised" else made
@@ -255,16 +260,14 @@ def distill(student, # the causal LM to train, in place
         j = (step % regen_every) * batch_size
         return pool[j:j + batch_size]
     def collate(rows):
-        ids, mask = pad_sequences([r["prompt"] + r["completion"] for r in rows], pad, "right")
-        resp, _ = pad_sequences([[0] * len(r["prompt"]) + [1] * len(r["completion"]) for r in rows], 0, "right")
+        b = collate_completions([completion_example(r["prompt"], r["completion"]) for r in rows], pad)
         n = sum(len(r["completion"]) for r in rows)
-        return {"input_ids": ids, "attention_mask": mask, "response_mask": resp,
-                "replace_rate": sum(sum(r["replaced"]) for r in rows) / max(n, 1)}
+        return {**b, "replace_rate": sum(sum(r["replaced"]) for r in rows) / max(n, 1)}
     def loss_fn(model, batch):
         ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         z_s = model(input_ids=ids, attention_mask=mask).logits
         with torch.no_grad(): z_t = teacher(input_ids=ids, attention_mask=mask).logits
-        loss = kd_loss(z_s[:, :-1], z_t[:, :-1], resp[:, 1:], beta=beta)
+        loss = kd_loss(z_s[:, :-1, :V], z_t[:, :-1, :V], resp[:, 1:], beta=beta)
         return loss, {"replace_rate": batch["replace_rate"]}
     was = teacher.training; teacher.eval()
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every,
@@ -277,7 +280,7 @@ def distill(student, # the causal LM to train, in place
 
 # %% ../../nbs/11_distill.ipynb #e77c30e4
 def _distill_stage(state, steps:int=100, method:str="skd", top_k:int=5, lr:float=1e-3, batch_size:int=32,
-                   n_train:int=3000, **_):
+                   n_train:int=3000):
     "Pipeline stage: distill the zoo teacher into the current model (SKD by default)."
     from posttrain_nb import zoo
     teacher, teacher_tok = zoo.load("teacher")

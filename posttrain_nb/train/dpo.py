@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core import (TrainConfig, TrainResult, train_loop, encode_for_training, sequence_logprobs,
-                               add_lora, generate, set_seed, _max_len)
+from ..core import (TrainConfig, TrainResult, train_loop, sequence_logprobs, add_lora, export_model,
+                               generate, set_seed, context_length, pad_token_id)
+from ..data import (prepare_preferences, collate_preferences, encode_preferences, check_same_tokenizer)
 from ..tasks import ArithTask, to_preference_pairs
-from .reward import check_preference_rows
 
 # %% auto #0
-__all__ = ['LOSS_TYPES', 'dpo_loss', 'implicit_rewards', 'encode_preferences', 'reference_logps', 'dpo_batch_loss', 'train_dpo',
+__all__ = ['LOSS_TYPES', 'dpo_loss', 'implicit_rewards', 'reference_logps', 'dpo_batch_loss', 'train_dpo',
            'sample_preference_pairs']
 
 # %% ../../nbs/22_dpo.ipynb #98ca1f04
@@ -47,43 +47,30 @@ def implicit_rewards(policy_logps:torch.Tensor, # [B] log pi_theta(y|x)
     return beta * (policy_logps - ref_logps).detach()
 
 # %% ../../nbs/22_dpo.ipynb #8e1dfee6
-def encode_preferences(tokenizer, # the policy's tokenizer
-                       triples:list, # (prompt, chosen, rejected) strings, from check_preference_rows
-                       max_length:int|None=None, # the model's context; longer rows are refused
-                      ) -> dict: # input_ids, attention_mask, response_mask [2B, T]; chosen rows first
-    "Stack a batch of preference pairs as [chosen; rejected] training rows."
-    prompts = [p for p, _, _ in triples]
-    responses = [c for _, c, _ in triples] + [r for _, _, r in triples]
-    return encode_for_training(tokenizer, prompts + prompts, responses, max_length=max_length)
-
 @torch.no_grad()
 def reference_logps(model, # the reference policy (a peft model is used with its adapters disabled)
                     tokenizer, # its tokenizer
-                    triples:list, # (prompt, chosen, rejected) strings
+                    rows, # preference rows, or examples from data.prepare_preferences
                     batch_size:int=64, # pairs per forward pass
                     average:bool=False, # length-averaged log-probs (IPO) instead of sums
                     disable_adapter:bool=True, # for a peft model: score with its adapters off (False: the active adapter)
                    ) -> torch.Tensor: # [N, 2]: log pi_ref(chosen), log pi_ref(rejected)
     "Reference log-probs of every pair, computed once before training (TRL's precompute_ref_log_probs)."
+    ex = rows if rows and isinstance(rows[0], dict) and "chosen_mask" in rows[0] else \
+        prepare_preferences(tokenizer, rows, context=context_length(model))
     was = model.training; model.eval()
     peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
     ctx = model.disable_adapter() if peft and disable_adapter else contextlib.nullcontext()
-    out = []
-    dev = next(model.parameters()).device
+    out, dev, pad = [], next(model.parameters()).device, pad_token_id(tokenizer)
     with ctx:
-        for i in range(0, len(triples), batch_size):
-            chunk = triples[i:i + batch_size]
-            b = {k: v.to(dev) for k, v in encode_preferences(tokenizer, chunk, _max_len(model)).items()}
+        for i in range(0, len(ex), batch_size):
+            b = {k: v.to(dev) for k, v in collate_preferences(ex[i:i + batch_size], pad).items()}
             lp = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"], average=average)
             out.append(torch.stack(lp.float().cpu().chunk(2), -1))
     model.train(was)
     return torch.cat(out)
 
 # %% ../../nbs/22_dpo.ipynb #35ee2aa1
-def _same_tokenizer(a, b):
-    if a is b: return True
-    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
-
 def dpo_batch_loss(model, # the policy
                    batch:dict, # from the collate of train_dpo: ids/masks [2B, T] and ref_logps [B, 2]
                    beta:float=0.1, # DPO beta
@@ -107,8 +94,8 @@ def dpo_batch_loss(model, # the policy
 
 def train_dpo(model, # a Hugging Face causal LM (wrapped with a fresh LoRA adapter when lora_r > 0)
               tokenizer, # its tokenizer
-              rows:list, # preference rows: dicts with prompt/chosen/rejected (strings or TRL chat messages)
-              cfg:TrainConfig|None=None, # loop hyper-parameters
+              rows, # preference rows (explicit or implicit prompt; strings or chat messages), a Dataset or a DatasetDict
+              cfg:TrainConfig|None=None, # loop hyper-parameters; cfg.seed also seeds the LoRA init
               beta:float=0.1, # DPO beta (IPO's tau)
               loss_type:str="sigmoid", # "sigmoid", "ipo" or "hinge"
               nll_weight:float=0.0, # add this times the chosen responses' per-token NLL (SLiC's lambda / RPO)
@@ -117,38 +104,42 @@ def train_dpo(model, # a Hugging Face causal LM (wrapped with a fresh LoRA adapt
               ref_model=None, # a frozen reference; default: the policy with its adapter disabled
               ref_tokenizer=None, # the reference's tokenizer, if it is not `tokenizer`
               ref_logps:torch.Tensor|None=None, # [N, 2] precomputed reference log-probs (skips the reference pass)
+              max_length:int|None=None, # truncate sequences as TRL's DPO collator does (None: refuse over-long rows)
+              truncation_mode:str="keep_start", # 'keep_start' or 'keep_end'
+              split:str|None=None, # DatasetDict split (default 'train')
               eval_fn=None, # eval_fn(model) -> dict, every cfg.eval_every steps and at the end
               out_dir:str|Path|None=None, # checkpoint folder (resumable; a NaN batch is saved here)
+              export_dir:str|Path|None=None, # write a from_pretrained folder here at the end (LoRA merged)
               accelerator=None, # an accelerate.Accelerator, e.g. under `accelerate launch`
               progress:bool=True, # progress bar
              ) -> tuple: # (trained model, TrainResult)
     "Direct preference optimisation (or IPO / hinge) on the shared training loop."
     cfg = cfg or TrainConfig(steps=100, batch_size=32, lr=5e-4, warmup_steps=5)
     if loss_type not in LOSS_TYPES: raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    limit = _max_len(model)
-    triples = check_preference_rows(rows, tokenizer, max_length=limit)
-    if ref_tokenizer is not None and not _same_tokenizer(tokenizer, ref_tokenizer):
-        raise ValueError("the reference model's tokenizer differs from the policy's (vocabulary or eos), so their "
-                         "log-probs are over different token sequences; use a reference with the policy's tokenizer")
+    ex = prepare_preferences(tokenizer, rows, max_length, truncation_mode, context=context_length(model), split=split)
+    if ref_tokenizer is not None: check_same_tokenizer(tokenizer, ref_tokenizer, ("policy", "reference"))
     if ref_model is not None and ref_model.get_output_embeddings().weight.shape[0] != model.get_output_embeddings().weight.shape[0]:
-        raise ValueError("the reference model's vocabulary size differs from the policy's; it must share the "
-                         "policy's tokenizer")
+        raise ValueError("the reference model has a different number of output logits than the policy, so their "
+                         "log-softmax normalisers differ; use a reference with the policy's tokenizer and head")
     if ref_model is None and lora_r == 0 and ref_logps is None:
         raise ValueError("full fine-tuning (lora_r=0) needs a frozen ref_model or precomputed ref_logps; pass one, "
                          "or use LoRA so the adapter-disabled network is the reference")
-    if lora_r > 0: model = add_lora(model, r=lora_r, alpha=lora_alpha)
+    if lora_r > 0: model = add_lora(model, r=lora_r, alpha=lora_alpha, seed=cfg.seed)
     if ref_logps is None:
         ref = ref_model if ref_model is not None else model
-        ref_logps = reference_logps(ref, tokenizer, triples, average=loss_type == "ipo")
-    if ref_logps.shape != (len(triples), 2):
-        raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)}, expected ({len(triples)}, 2)")
-    data = [(t, ref_logps[i]) for i, t in enumerate(triples)]
-    def collate(ex):
-        b = encode_preferences(tokenizer, [t for t, _ in ex], limit)
-        b["ref_logps"] = torch.stack([x for _, x in ex])
+        ref_logps = reference_logps(ref, tokenizer, ex, average=loss_type == "ipo")
+    if ref_logps.shape != (len(ex), 2):
+        raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)}, expected ({len(ex)}, 2)")
+    data = [(e, ref_logps[i]) for i, e in enumerate(ex)]
+    pad = pad_token_id(tokenizer)
+    def collate(batch):
+        b = collate_preferences([e for e, _ in batch], pad)
+        b["ref_logps"] = torch.stack([x for _, x in batch])
         return b
     res = train_loop(model, lambda m, b: dpo_batch_loss(m, b, beta, loss_type, nll_weight), data, cfg, collate=collate,
-                     eval_fn=eval_fn, out_dir=out_dir, accelerator=accelerator, progress=progress, desc="dpo" if loss_type == "sigmoid" else loss_type)
+                     eval_fn=eval_fn, out_dir=out_dir, accelerator=accelerator, progress=progress,
+                     desc="dpo" if loss_type == "sigmoid" else loss_type)
+    if export_dir is not None: export_model(model, tokenizer, export_dir)
     return model, res
 
 # %% ../../nbs/22_dpo.ipynb #86805428
@@ -170,7 +161,7 @@ def sample_preference_pairs(model, # the behaviour policy that writes the sample
 
 # %% ../../nbs/22_dpo.ipynb #c7755470
 def _dpo_stage(state, n_prompts:int=1024, n_samples:int=4, steps:int=40, beta:float=0.1, lr:float=1e-3,
-               nll_weight:float=1.0, batch_size:int=32, lora_r:int=8, loss_type:str="sigmoid", **_):
+               nll_weight:float=1.0, batch_size:int=32, lora_r:int=8, loss_type:str="sigmoid"):
     "Pipeline stage: DPO on verifier-labelled pairs sampled from the current model."
     items = state.task.sample(n_prompts, seed=state.seed + 1, split="train")
     rows = sample_preference_pairs(state.model, state.tokenizer, items, n=n_samples, seed=state.seed)

@@ -10,55 +10,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..core import (TrainConfig, TrainResult, train_loop, encode_for_training, pad_sequences,
-                               render_prompts, _encode, _pad_id, _max_len)
-from .sft import _content
+from ..core import TrainConfig, TrainResult, train_loop, pad_token_id, context_length
+from ..data import (prepare_preferences, collate_preferences, collate_completions, tokenize_completion_row,
+                               prompt_completion_row)
 
 # %% auto #0
-__all__ = ['check_preference_rows', 'reward_model_from_causal_lm', 'token_values', 'sequence_rewards', 'score', 'bt_loss',
-           'preference_batch', 'reward_loss', 'pairwise_metrics', 'train_reward_model']
-
-# %% ../../nbs/20_reward_model.ipynb #28edf0aa
-def check_preference_rows(rows:list, # dicts with keys prompt, chosen, rejected (strings or chat messages)
-                          tokenizer=None, # needed only to check prompt lengths
-                          max_length:int|None=None, # refuse prompts longer than this many tokens (after the chat template)
-                         ) -> list: # (prompt, chosen, rejected) string triples
-    "Validate TRL-style preference rows and return them as text triples; raises ValueError naming the bad row."
-    if max_length is not None and tokenizer is None:
-        raise ValueError("max_length was given without a tokenizer; pass the tokenizer so prompt lengths can be counted")
-    if not rows: raise ValueError("no preference rows; build some with tasks.to_preference_pairs")
-    out = []
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or not {"prompt", "chosen", "rejected"} <= set(r):
-            raise ValueError(f"row {i} must be a dict with keys 'prompt', 'chosen' and 'rejected'; got {str(r)[:80]}")
-        p, c, rj = (_content(r[k]) for k in ("prompt", "chosen", "rejected"))
-        for name, text in (("chosen", c), ("rejected", rj)):
-            if not str(text).strip():
-                raise ValueError(f"row {i} has an empty {name} response; drop the row or fill in the response")
-        if c.strip() == rj.strip():
-            raise ValueError(f"row {i} has chosen identical to rejected, so it carries no preference; drop the row")
-        out.append((p, c, rj))
-    if max_length is not None:
-        lens = [len(ids) for ids in _encode(tokenizer, render_prompts(tokenizer, [p for p, _, _ in out]))]
-        for i, n in enumerate(lens):
-            if n > max_length:
-                raise ValueError(f"row {i} has a prompt of {n} tokens but max_length is {max_length}; shorten the "
-                                 "prompt, drop the row, or raise max_length (up to the model's context)")
-    return out
+__all__ = ['reward_model_from_causal_lm', 'token_values', 'sequence_rewards', 'score', 'bt_loss', 'reward_loss',
+           'pairwise_metrics', 'train_reward_model']
 
 # %% ../../nbs/20_reward_model.ipynb #fc69c722
-def reward_model_from_causal_lm(model_or_path, # a causal LM (e.g. from zoo.load) or a checkpoint folder
+def reward_model_from_causal_lm(model_or_path, # a causal LM (e.g. from zoo.load), a checkpoint folder, or a hub name
                                 tokenizer, # its tokenizer (provides pad_token_id)
+                                local_files_only:bool=True, # refuse to download; False lets a hub name download
                                ): # AutoModelForSequenceClassification with num_labels=1
     "A Bradley–Terry reward model: the LM's backbone plus a linear head hidden -> 1."
     from transformers import AutoModelForSequenceClassification
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     if isinstance(model_or_path, (str, Path)):
-        if not (Path(model_or_path) / "config.json").exists():
-            raise ValueError(f"{model_or_path} is not a checkpoint folder (no config.json); pass a model or a "
-                             "folder written by save_pretrained")
-        rm = AutoModelForSequenceClassification.from_pretrained(model_or_path, num_labels=1, pad_token_id=pad)
-        return rm
+        is_dir = (Path(model_or_path) / "config.json").exists()
+        if not is_dir and local_files_only:
+            raise ValueError(f"{model_or_path} is not a local checkpoint folder (no config.json there); pass a model "
+                             "or a folder written by save_pretrained, or pass local_files_only=False to download "
+                             "it from the Hugging Face Hub")
+        return AutoModelForSequenceClassification.from_pretrained(model_or_path, num_labels=1, pad_token_id=pad,
+                                                                  local_files_only=local_files_only)
     lm = model_or_path
     if hasattr(lm, "disable_adapter") and hasattr(lm, "merge_and_unload"):
         raise ValueError("the model has PEFT adapters; call model.merge_and_unload() first so the reward model "
@@ -97,19 +72,25 @@ def sequence_rewards(rm, # a sequence-classification model with num_labels=1
 # %% ../../nbs/20_reward_model.ipynb #2afdee34
 def score(rm, # a reward model from reward_model_from_causal_lm
           tokenizer, # its tokenizer
-          prompts:list, # user messages
-          completions:list, # assistant responses, one per prompt
+          prompts:list, # user messages, task items, conversations or TRL prompt rows
+          completions:list, # assistant responses (text), one per prompt
           batch_size:int=64, # rows per forward pass
          ) -> torch.Tensor: # [B] float32 rewards
     "Rewards of (prompt, completion) pairs, in eval mode and without gradients."
     if len(prompts) != len(completions): raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    limit, pad = context_length(rm), pad_token_id(tokenizer)
+    ex = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        e = tokenize_completion_row(tokenizer, prompt_completion_row(p, c, tokenizer))
+        if limit is not None and len(e["input_ids"]) > limit:
+            raise ValueError(f"pair {i} has {len(e['input_ids'])} tokens but the model's context is {limit}")
+        ex.append(e)
     was = rm.training; rm.eval(); out = []
     dev = next(rm.parameters()).device
     try:
         with torch.no_grad():
-            for s in range(0, len(prompts), batch_size):
-                b = encode_for_training(tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size],
-                                        max_length=_max_len(rm))
+            for s in range(0, len(ex), batch_size):
+                b = collate_completions(ex[s:s + batch_size], pad)
                 out.append(sequence_rewards(rm, b["input_ids"].to(dev), b["attention_mask"].to(dev)).cpu())
     finally: rm.train(was)
     return torch.cat(out) if out else torch.zeros(0)
@@ -127,17 +108,8 @@ def bt_loss(r_chosen:torch.Tensor, # [B] rewards of the preferred responses
     return loss + center * ((r_chosen + r_rejected) ** 2).mean() if center else loss
 
 # %% ../../nbs/20_reward_model.ipynb #2085cabd
-def preference_batch(tokenizer, # the model's tokenizer
-                     triples:list, # (prompt, chosen, rejected) strings, e.g. from check_preference_rows
-                     max_length:int|None=None, # refuse rows longer than this
-                    ) -> dict: # input_ids, attention_mask, response_mask [2B, T], chosen rows first
-    "Chosen and rejected responses stacked into one right-padded batch."
-    prompts = [p for p, _, _ in triples]
-    return encode_for_training(tokenizer, prompts + prompts, [c for _, c, _ in triples] + [r for _, _, r in triples],
-                               max_length=max_length)
-
 def reward_loss(rm, # reward model
-                batch:dict, # from preference_batch
+                batch:dict, # from data.collate_preferences: [2B, T], chosen rows first
                 margin:float=0.0, # required reward gap
                 center:float=0.0, # centring coefficient
                ) -> tuple: # (loss, {accuracy, margin})
@@ -149,33 +121,41 @@ def reward_loss(rm, # reward model
 
 def pairwise_metrics(rm, # reward model
                      tokenizer, # its tokenizer
-                     rows:list, # preference rows (TRL format)
+                     rows, # preference rows (any TRL preference format), a Dataset or a DatasetDict
                      batch_size:int=64, # pairs per forward pass
                     ) -> dict: # accuracy, margin, loss, n
     "Held-out pairwise accuracy, mean margin and BT loss."
-    t = check_preference_rows(rows)
-    r_w = score(rm, tokenizer, [p for p, _, _ in t], [c for _, c, _ in t], batch_size)
-    r_l = score(rm, tokenizer, [p for p, _, _ in t], [r for _, _, r in t], batch_size)
+    ex = prepare_preferences(tokenizer, rows, context=context_length(rm))
+    was = rm.training; rm.eval(); dev, pad, rs = next(rm.parameters()).device, pad_token_id(tokenizer), []
+    try:
+        with torch.no_grad():
+            for s in range(0, len(ex), batch_size):
+                b = collate_preferences(ex[s:s + batch_size], pad)
+                rs.append(sequence_rewards(rm, b["input_ids"].to(dev), b["attention_mask"].to(dev)).cpu().view(2, -1))
+    finally: rm.train(was)
+    r_w, r_l = torch.cat(rs, 1)
     return {"accuracy": (r_w > r_l).float().mean().item(), "margin": (r_w - r_l).mean().item(),
-            "loss": bt_loss(r_w, r_l).item(), "n": len(t)}
+            "loss": bt_loss(r_w, r_l).item(), "n": len(ex)}
 
 def train_reward_model(rm, # from reward_model_from_causal_lm (all weights train)
                        tokenizer, # its tokenizer
-                       rows:list, # preference rows (TRL format): prompt, chosen, rejected
+                       rows, # preference rows (TRL format, explicit or implicit prompt), a Dataset or a DatasetDict
                        cfg:TrainConfig|None=None, # loop hyper-parameters; batch_size counts pairs
                        margin:float=0.0, # required reward gap m
                        center:float=0.0, # centring coefficient c
                        eval_rows:list|None=None, # held-out rows for pairwise accuracy during training
                        freeze_backbone:bool=False, # train only the head (a linear probe on the LM's features)
+                       max_length:int|None=None, # refuse pairs longer than this (TRL's RewardTrainer drops them)
+                       split:str|None=None, # DatasetDict split (default 'train')
                        out_dir:str|Path|None=None, # checkpoint folder (resumable)
                        progress:bool=True, # progress bar
                       ) -> TrainResult:
     "Fit a reward model to preference pairs with the Bradley–Terry loss and core.train_loop."
     cfg = cfg or TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup_steps=10)
-    limit = _max_len(rm)
-    triples = check_preference_rows(rows, tokenizer, limit)
+    ex = prepare_preferences(tokenizer, rows, max_length, context=context_length(rm), split=split, truncate=False)
     eval_fn = (lambda m: pairwise_metrics(m, tokenizer, eval_rows)) if eval_rows else None
     getattr(rm, rm.base_model_prefix).requires_grad_(not freeze_backbone)
-    return train_loop(rm, lambda m, b: reward_loss(m, b, margin, center), triples, cfg,
-                      collate=lambda t: preference_batch(tokenizer, t, limit), eval_fn=eval_fn, out_dir=out_dir,
+    pad = pad_token_id(tokenizer)
+    return train_loop(rm, lambda m, b: reward_loss(m, b, margin, center), ex, cfg,
+                      collate=lambda e: collate_preferences(e, pad), eval_fn=eval_fn, out_dir=out_dir,
                       progress=progress, desc="reward model")

@@ -4,61 +4,43 @@
 
 # %% ../../nbs/10_sft.ipynb #6f2c7bfe
 from __future__ import annotations
-import copy, time
 from pathlib import Path
 
-import torch
-
-from ..core import (TrainConfig, train_loop, masked_lm_loss, encode_for_training, add_lora, _max_len)
-from ..tasks import ArithTask, ArithItem, evaluate
+from ..core import (TrainConfig, train_loop, masked_lm_loss, add_lora, export_model, context_length,
+                               pad_token_id)
+from ..data import prepare_sft, collate_completions
 
 # %% auto #0
-__all__ = ['sft_pairs', 'train_sft']
-
-# %% ../../nbs/10_sft.ipynb #fedb2d99
-def _content(x):
-    "Text of a TRL field: a string, or the last message's content."
-    if isinstance(x, str): return x
-    if isinstance(x, list) and x and isinstance(x[-1], dict) and "content" in x[-1]: return x[-1]["content"]
-    raise ValueError(f"expected a string or a list of chat messages, got {type(x).__name__}: {str(x)[:80]}")
-
-def sft_pairs(data:list, # ArithItems, or TRL prompt/completion rows
-             ) -> list: # (prompt, completion) string pairs
-    "Demonstrations as (user prompt, assistant reply) pairs."
-    pairs = []
-    for i, d in enumerate(data):
-        if isinstance(d, ArithItem): p, c = d.prompt, d.solution
-        elif isinstance(d, dict) and "prompt" in d and "completion" in d: p, c = _content(d["prompt"]), _content(d["completion"])
-        elif isinstance(d, (tuple, list)) and len(d) == 2: p, c = d
-        else: raise ValueError(f"row {i} is not an ArithItem, a (prompt, completion) pair or a TRL prompt/completion "
-                               f"row: {str(d)[:80]}")
-        if not str(c).strip(): raise ValueError(f"row {i} has an empty completion; drop it or fill it in")
-        pairs.append((p, c))
-    return pairs
+__all__ = ['train_sft']
 
 # %% ../../nbs/10_sft.ipynb #840f0a66
 def train_sft(model, # a Hugging Face causal LM (wrapped with LoRA when lora_r > 0)
               tokenizer, # its tokenizer
-              data:list, # ArithItems or TRL prompt/completion rows
-              cfg:TrainConfig|None=None, # loop hyper-parameters
+              data, # task items, (prompt, reply) pairs, TRL rows (prompt/completion, messages, text), or a Dataset
+              cfg:TrainConfig|None=None, # loop hyper-parameters; cfg.seed also seeds the LoRA init
               lora_r:int=8, # LoRA rank; 0 trains all weights
               lora_alpha:int=16, # LoRA scaling numerator
               eval_fn=None, # eval_fn(model) -> dict, run every cfg.eval_every steps and at the end
               out_dir:str|Path|None=None, # checkpoint folder (resumable)
+              export_dir:str|Path|None=None, # write a from_pretrained folder here at the end
+              merge_lora:bool=True, # export with LoRA merged into the weights (False: the peft adapter only)
+              max_length:int|None=None, # truncate rows to this many tokens, as TRL does (None: refuse over-long rows)
+              truncation_mode:str="keep_start", # 'keep_start' or 'keep_end'
+              split:str|None=None, # DatasetDict split (default 'train')
               progress:bool=True, # progress bar
              ) -> tuple: # (trained model, TrainResult)
-    "Supervised fine-tuning with the prompt-masked loss, through LoRA by default."
+    "Supervised fine-tuning with the completion-masked loss, through LoRA by default."
     cfg = cfg or TrainConfig(steps=100, batch_size=32, lr=2e-3, warmup_steps=10)
-    pairs = sft_pairs(data)
-    if lora_r > 0: model = add_lora(model, r=lora_r, alpha=lora_alpha)
-    limit = _max_len(model)
-    def collate(rows): return encode_for_training(tokenizer, [p for p, _ in rows], [c for _, c in rows], max_length=limit)
-    res = train_loop(model, masked_lm_loss, pairs, cfg, collate=collate, eval_fn=eval_fn, out_dir=out_dir,
-                     progress=progress, desc="sft")
+    examples = prepare_sft(tokenizer, data, max_length, truncation_mode, context=context_length(model), split=split)
+    if lora_r > 0: model = add_lora(model, r=lora_r, alpha=lora_alpha, seed=cfg.seed)
+    pad = pad_token_id(tokenizer)
+    res = train_loop(model, masked_lm_loss, examples, cfg, collate=lambda ex: collate_completions(ex, pad),
+                     eval_fn=eval_fn, out_dir=out_dir, progress=progress, desc="sft")
+    if export_dir is not None: export_model(model, tokenizer, export_dir, merge=merge_lora)
     return model, res
 
 # %% ../../nbs/10_sft.ipynb #3a599407
-def _sft_stage(state, steps:int=150, lr:float=2e-3, batch_size:int=32, lora_r:int=8, n_train:int=5000, **_):
+def _sft_stage(state, steps:int=150, lr:float=2e-3, batch_size:int=32, lora_r:int=8, n_train:int=5000):
     "Pipeline stage: LoRA SFT on gold solutions from the task's training split."
     pairs = state.task.sample(n_train, seed=state.seed, split="train")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 15), seed=state.seed)
