@@ -12,7 +12,8 @@ from typing import Callable
 from fastcore.script import call_parse
 
 # %% auto #0
-__all__ = ['STAGES', 'STAGE_MODULES', 'Stage', 'register_stage', 'available_stages', 'PipelineState', 'evaluate_row',
+__all__ = ['STAGES', 'STAGE_MODULES', 'POSITIVE_OPTIONS', 'LOCK_NAME', 'Stage', 'register_stage', 'available_stages',
+           'PipelineState', 'evaluate_row', 'PipelineError', 'stage_options', 'check_options', 'check_out', 'lock_out',
            'run_pipeline', 'format_table', 'write_report', 'main']
 
 # %% ../nbs/90_pipeline.ipynb #6088d88e
@@ -25,7 +26,8 @@ class Stage:
 
 STAGES: dict = {}
 # modules whose import registers stages; later chapters append theirs
-STAGE_MODULES = ["posttrain_nb.train.sft", "posttrain_nb.train.distill", "posttrain_nb.train.dpo", "posttrain_nb.train.bpo",
+STAGE_MODULES = ["posttrain_nb.train.sft", "posttrain_nb.train.distill", "posttrain_nb.train.ppo", "posttrain_nb.train.dpo",
+                 "posttrain_nb.train.bpo",
                  "posttrain_nb.infer.routing", "posttrain_nb.infer.calibration", "posttrain_nb.serve.fp4_kernel",
                  "posttrain_nb.serve.engine", "posttrain_nb.serve.speculative"]
 
@@ -71,41 +73,116 @@ def evaluate_row(state:PipelineState, # the pipeline state
     state.rows.append(row)
     return row
 
+class PipelineError(ValueError):
+    "A pipeline run refused before any work: bad stages, options, numbers or output folder."
+
+def stage_options(stage:Stage, # a registered stage
+                 ) -> dict: # option name -> default
+    "The options a stage takes: the keyword parameters of its function after the state (a `**kwargs` takes none)."
+    ps = list(inspect.signature(stage.run).parameters.values())[1:]
+    return {p.name: p.default for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+def _describe(opts:dict) -> str:
+    return ", ".join(f"{k}={v!r}" if v is not inspect.Parameter.empty else k for k, v in opts.items()) or "none"
+
+# options that count things: each must be a positive integer
+POSITIVE_OPTIONS = ("steps", "iterations", "batch_size", "grad_accum", "n_train", "n_prompts", "n_samples", "n_test")
+
+def check_options(stages:list, # stage names, in order
+                  options:dict|None, # per-stage keyword options
+                  reg:dict, # the stage registry
+                 ) -> None:
+    "Refuse unknown stages, options a stage does not take (listing those it does) and counts below 1."
+    unknown = [s for s in stages if s not in reg]
+    if unknown: raise PipelineError(f"unknown stage(s) {', '.join(unknown)}; available stages: {', '.join(reg)}")
+    for s, opts in (options or {}).items():
+        if s not in stages: raise PipelineError(f"options given for stage {s!r}, which is not run (stages: {', '.join(stages)})")
+        valid = stage_options(reg[s])
+        bad = [k for k in opts if k not in valid]
+        if bad: raise PipelineError(f"stage {s!r} has no option {', '.join(map(repr, bad))}; its options: {_describe(valid)}")
+        for k, v in opts.items():
+            if k in POSITIVE_OPTIONS and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise PipelineError(f"options[{s!r}][{k!r}] must be an integer >= 1, got {v!r}")
+
+def check_out(out:str|Path, # the output folder
+              flag:str="out", # how the caller names it in errors
+             ) -> Path:
+    "Make sure the output folder can be written, before any work: not a file, creatable, writable."
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise PipelineError(f"{flag} {out} is a file, not a folder; pass a folder")
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise PipelineError(f"cannot create the {flag} folder {out} ({e.strerror}); pass a writable folder")
+    if not os.access(out, os.W_OK | os.X_OK): raise PipelineError(f"{flag} {out} is not writable; pass a writable folder")
+    return out
+
+LOCK_NAME = ".pipeline.lock"
+
+def _pid_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+def lock_out(out:Path) -> Path:
+    "Claim `out` for this run: a second pipeline writing to the same folder is refused (a dead run's lock is taken over)."
+    lock = out / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try: pid = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError): pid = None
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                raise PipelineError(f"another posttrain-pipeline (pid {pid}) is writing to {out}; wait for it to finish, "
+                                    f"or use another output folder (if no such run exists, delete {lock})")
+            lock.unlink(missing_ok=True)  # left by a run that died
+            continue
+        except OSError as e: raise PipelineError(f"cannot write to {out} ({e.strerror}); pass a writable folder")
+        with os.fdopen(fd, "w") as f: f.write(f"{os.getpid()}\n")
+        return lock
+    raise PipelineError(f"could not lock {out}; delete {lock} if no pipeline is running there")
+
 def run_pipeline(stages:list, # stage names, run in order
                  model=None, # starting model; the zoo's `base` if None
                  tokenizer=None, # its tokenizer
                  n_test:int=500, # held-out test problems for evaluation
                  seed:int=0, # seed for every stage
-                 out:str|Path|None=None, # folder for report.md, report.json and report.png
+                 out:str|Path|None=None, # folder for report.md, report.json and report.png (locked while the run writes it)
                  progress:bool=True, # progress bars
-                 options:dict|None=None, # per-stage keyword options: {"sft": {"steps": 100}}
+                 options:dict|None=None, # per-stage keyword options: {"sft": {"steps": 100}}, checked against each stage's signature
                 ) -> PipelineState:
-    "Run `stages` on `model` (default: zoo base), evaluating after each, and write a report."
+    "Run `stages` on `model` (default: zoo base), evaluating after each, and write a report; bad input is refused before any work."
     from posttrain_nb.tasks import ArithTask
     from posttrain_nb.core import set_seed
     from posttrain_nb import zoo
     reg = available_stages()
-    unknown = [s for s in stages if s not in reg]
-    if unknown: raise ValueError(f"unknown stage(s) {', '.join(unknown)}; available stages: {', '.join(reg)}")
+    check_options(stages, options, reg)
+    if isinstance(n_test, bool) or not isinstance(n_test, int) or n_test < 1:
+        raise PipelineError(f"n_test must be an integer >= 1, got {n_test!r}")
     if (model is None) != (tokenizer is None): raise ValueError("pass both model and tokenizer, or neither")
-    if model is None: model, tokenizer = zoo.load("base")
-    task = ArithTask()
-    state = PipelineState(model, tokenizer, task, seed, progress, Path(out) if out else None)
-    items = task.sample(n_test, seed=seed, split="test")
-    evaluate_row(state, "base", items, 0.0)
-    for s in stages:
-        set_seed(seed)
-        t0 = time.perf_counter()
-        opts = dict((options or {}).get(s, {}))
-        if "n_test" in inspect.signature(reg[s].run).parameters:
-            opts.setdefault("n_test", n_test)  # stages that report their own accuracy use the same test problems
-        extra = reg[s].run(state, **opts) or {}
-        # hand the next stage a plain model, trainable like a fresh from_pretrained one (merging LoRA leaves the
-        # base weights frozen, and a full fine-tuning stage after it would find nothing to train)
-        for p in state.model.parameters():
-            if p.is_floating_point(): p.requires_grad_(True)
-        evaluate_row(state, s, items, time.perf_counter() - t0, extra)
-    if state.out: write_report(state)
+    out = check_out(out) if out else None
+    lock = lock_out(out) if out else None
+    try:
+        if model is None: model, tokenizer = zoo.load("base")
+        task = ArithTask()
+        state = PipelineState(model, tokenizer, task, seed, progress, out)
+        items = task.sample(n_test, seed=seed, split="test")
+        evaluate_row(state, "base", items, 0.0)
+        for s in stages:
+            set_seed(seed)
+            t0 = time.perf_counter()
+            opts = dict((options or {}).get(s, {}))
+            if "n_test" in stage_options(reg[s]):
+                opts.setdefault("n_test", n_test)  # stages that report their own accuracy use the same test problems
+            extra = reg[s].run(state, **opts) or {}
+            # hand the next stage a plain model, trainable like a fresh from_pretrained one (merging LoRA leaves the
+            # base weights frozen, and a full fine-tuning stage after it would find nothing to train)
+            for p in state.model.parameters():
+                if p.is_floating_point(): p.requires_grad_(True)
+            evaluate_row(state, s, items, time.perf_counter() - t0, extra)
+        if state.out: write_report(state)
+    finally:
+        if lock is not None: lock.unlink(missing_ok=True)
     return state
 
 # %% ../nbs/90_pipeline.ipynb #ab2ab325
@@ -147,20 +224,30 @@ def main(stages:str="sft", # comma-separated stages to run in order (see --list-
          out:str="runs/pipeline", # output folder for report.md, report.json and report.png
          n_test:int=500, # held-out test problems to evaluate on
          seed:int=0, # random seed for every stage
-         steps:int=None, # override the training steps of every stage
-         list_stages:bool=False, # list the available stages and exit
+         steps:int=None, # override the training steps of every stage (each stage must take a `steps` option)
+         list_stages:bool=False, # list the available stages and their options, and exit
          quiet:bool=False, # no progress bars
         ):
     "Post-train the zoo's base model through the named stages and report accuracy, throughput and time."
     reg = available_stages()
     if list_stages:
-        for s in reg.values(): print(f"{s.name:10s} {s.help}")
+        for s in reg.values(): print(f"{s.name:16s} {s.help}\n{'':16s} options: {_describe(stage_options(s))}")
         return
+    def fail(msg): raise SystemExit(f"posttrain-pipeline: {msg}")
     names = [s.strip() for s in stages.split(",") if s.strip()]
+    if not names: fail(f"--stages {stages!r} names no stage, so nothing would run; name one or more of: {', '.join(reg)}")
     unknown = [s for s in names if s not in reg]
-    if unknown:
-        raise SystemExit(f"posttrain-pipeline: unknown stage(s) {', '.join(unknown)}; available stages: {', '.join(reg)}")
-    opts = {s: {"steps": steps} for s in names} if steps else None
-    state = run_pipeline(names, n_test=n_test, seed=seed, out=out, progress=not quiet, options=opts)
+    if unknown: fail(f"unknown stage(s) {', '.join(unknown)}; available stages: {', '.join(reg)}")
+    if steps is not None and steps < 1: fail(f"--steps must be an integer >= 1, got {steps}")
+    if n_test < 1: fail(f"--n-test must be an integer >= 1, got {n_test}")
+    if steps is not None:
+        without = [s for s in names if "steps" not in stage_options(reg[s])]
+        if without: fail("--steps sets every stage's `steps`, but " + "; ".join(
+            f"stage {s!r} has no steps (its options: {_describe(stage_options(reg[s]))})" for s in without))
+    try:
+        check_out(out, "--out")
+        state = run_pipeline(names, n_test=n_test, seed=seed, out=out, progress=not quiet,
+                             options={s: {"steps": steps} for s in names} if steps is not None else None)
+    except PipelineError as e: fail(e)
     print(format_table(state.rows))
     print(f"\nreport: {Path(out) / 'report.md'}")

@@ -4,38 +4,25 @@
 
 # %% ../../nbs/21_ppo.ipynb #39639033
 from __future__ import annotations
-import copy, contextlib, time
+import copy, contextlib, dataclasses, inspect, time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from ..core import generate, token_logprobs, pad_sequences, set_seed, _pad_id
-from ..tasks import is_correct
+from ..core import (generate, token_logprobs, pad_sequences, set_seed, render_prompts, masked_mean,
+                               masked_whiten, TrainConfig, TrainResult, train_loop, OnlineData, sample_batch, _pad_id)
+from ..tasks import extract_answer
 from .reward import reward_model_from_causal_lm, token_values, sequence_rewards
 
 # %% auto #0
-__all__ = ['masked_mean', 'masked_whiten', 'kl_penalty', 'shaped_rewards', 'gae', 'ppo_policy_loss', 'ppo_value_loss',
-           'PPOConfig', 'Rollout', 'response_logprobs', 'response_values', 'make_rollout', 'verifier_reward',
-           'rm_reward', 'init_value_model', 'PPOResult', 'train_ppo']
+__all__ = ['kl_penalty', 'shaped_rewards', 'gae', 'ppo_policy_loss', 'ppo_value_loss', 'PPOConfig', 'Rollout', 'prompt_rows',
+           'render_prompt_rows', 'response_logprobs', 'response_values', 'call_reward', 'make_rollout',
+           'verifier_reward', 'rm_reward', 'init_value_model', 'PPOResult', 'PolicyAndCritic', 'stack_rows',
+           'train_ppo']
 
 # %% ../../nbs/21_ppo.ipynb #e4a0cfb9
-def masked_mean(x:torch.Tensor, # any shape
-                mask:torch.Tensor, # same shape, 1 where x counts
-               ) -> torch.Tensor: # scalar
-    "Mean of x over the positions where mask is 1."
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-def masked_whiten(x:torch.Tensor, # [B, L]
-                  mask:torch.Tensor, # [B, L], 1 on real tokens
-                  eps:float=1e-8, # numerical floor for the std
-                 ) -> torch.Tensor: # [B, L], zero mean and unit variance over the masked entries, 0 elsewhere
-    "Standardise x using the mean and (biased) variance of its masked entries."
-    mu = masked_mean(x, mask)
-    var = masked_mean((x - mu) ** 2, mask)
-    return (x - mu) * torch.rsqrt(var + eps) * mask
-
 def kl_penalty(logp:torch.Tensor, # [B, L] log pi_old of the sampled tokens
                ref_logp:torch.Tensor, # [B, L] log pi_ref of the same tokens
                kind:str="k1", # 'k1' (log-ratio) or 'k3' (e^l - 1 - l, always >= 0)
@@ -113,13 +100,14 @@ def ppo_value_loss(values:torch.Tensor, # [B, L] V_psi now (with grad)
 # %% ../../nbs/21_ppo.ipynb #7e16248e
 @dataclass
 class PPOConfig:
-    "Hyper-parameters of the PPO-RLHF loop (TRL's defaults where they exist; lr and batch are tuned for the zoo)."
+    "Hyper-parameters of the PPO-RLHF loop (TRL's defaults where they exist; lr and batch are the ones this chapter shows working on the zoo)."
     iterations: int = 20 # rollout + update rounds
     prompts_per_iter: int = 64 # prompts per rollout
     max_new_tokens: int = 48 # response length cap
     ppo_epochs: int = 4 # passes over each rollout
-    minibatch_size: int = 16 # rows per optimiser step
-    lr: float = 3e-4 # policy learning rate
+    minibatch_size: int = 16 # rows per optimiser step (across processes and accumulation)
+    grad_accum: int = 1 # micro-steps per optimiser step
+    lr: float = 5e-5 # policy learning rate (the chapter's run; 3e-4 drifts away from the reference)
     value_lr: float = 1e-3 # value model learning rate
     kl_coef: float = 0.05 # beta in the shaped reward
     kl_estimator: str = "k1" # 'k1' or 'k3'
@@ -131,12 +119,22 @@ class PPOConfig:
     whiten_advantages: bool = True # standardise advantages per rollout
     missing_eos_penalty: float = 0.0 # subtracted from the score of responses cut off before eos
     max_grad_norm: float = 1.0 # gradient clipping
+    save_every: int = 1 # with out_dir: checkpoint every this many iterations (always at an iteration's end)
     seed: int = 0 # prompt order and sampling
+    def __post_init__(self):
+        for k in ("iterations", "prompts_per_iter", "max_new_tokens", "ppo_epochs", "minibatch_size", "grad_accum", "save_every"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"PPOConfig.{k} must be an integer >= 1, got {v!r}")
+        if self.minibatch_size > self.prompts_per_iter or self.prompts_per_iter % self.minibatch_size:
+            raise ValueError(f"prompts_per_iter={self.prompts_per_iter} must be a multiple of minibatch_size={self.minibatch_size}")
+        if self.kl_estimator not in ("k1", "k3"): raise ValueError(f"unknown KL estimator {self.kl_estimator!r}; use 'k1' or 'k3'")
+        for k in ("lr", "value_lr", "cliprange", "cliprange_value", "max_grad_norm"):
+            if not getattr(self, k) > 0: raise ValueError(f"PPOConfig.{k} must be > 0, got {getattr(self, k)!r}")
 
 @dataclass
 class Rollout:
     "One batch of sampled responses and everything PPO computes from it (response tensors are [B, L])."
-    items: list # the prompt's source objects (e.g. ArithItems), one per row
+    items: list # the prompt rows (TRL format: a 'prompt' plus any other columns), one per row
     texts: list # decoded responses
     input_ids: torch.Tensor # [B, P+L] left-padded prompt + right-padded response
     attention_mask: torch.Tensor # [B, P+L]
@@ -150,8 +148,47 @@ class Rollout:
     rewards: torch.Tensor # [B, L] shaped rewards
     advantages: torch.Tensor # [B, L]
     returns: torch.Tensor # [B, L]
+    correct: torch.Tensor|None = None # [B] the verifier's verdict, when the rows carry an 'answer'
 
-def _prompt_text(x): return x if isinstance(x, str) else x.prompt
+    def examples(self) -> list:
+        "One dict of tensors per row: what train_loop hands the PPO loss (see `stack_rows`)."
+        cols = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "response_mask": self.response_mask,
+                "logp": self.logp, "values": self.values, "advantages": self.advantages, "returns": self.returns,
+                "score": self.scores, "kl": self.kl.sum(-1), "response_length": self.response_mask.sum(-1)}
+        if self.correct is not None: cols["correct"] = self.correct
+        return [{k: v[i] for k, v in cols.items()} for i in range(len(self.texts))]
+
+def prompt_rows(prompts:list, # strings, TRL rows ({'prompt': str or messages, ...}) or objects with .prompt (ArithItems)
+               ) -> list: # TRL rows: dicts with 'prompt' and the other columns
+    "The prompt pool as TRL prompt rows; every row must have the same columns."
+    rows = []
+    for i, x in enumerate(prompts):
+        if isinstance(x, str): r = {"prompt": x}
+        elif isinstance(x, dict) and "prompt" in x: r = dict(x)
+        elif dataclasses.is_dataclass(x) and hasattr(x, "prompt"):
+            r = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+        else: raise ValueError(f"prompt {i} is not a string, a TRL row with a 'prompt' or an object with .prompt: {str(x)[:80]}")
+        p = r["prompt"]
+        if not (isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m for m in p))):
+            raise ValueError(f"prompt {i}: 'prompt' must be a string or a list of chat messages, got {str(p)[:80]}")
+        if rows and r.keys() != rows[0].keys():
+            raise ValueError(f"prompt {i} has columns {sorted(r)} but prompt 0 has {sorted(rows[0])}; every row needs the same")
+        rows.append(r)
+    return rows
+
+def render_prompt_rows(tokenizer, # a Hugging Face tokenizer
+                       rows:list, # TRL prompt rows
+                      ) -> list: # model input strings
+    "Each row's prompt as model input: a string is a user message, a message list is the whole conversation (chat template)."
+    # TODO(data layer): switch to posttrain_nb.data's prompt rendering when it lands
+    out = []
+    for r in rows:
+        p = r["prompt"]
+        if isinstance(p, str): out += render_prompts(tokenizer, [p])
+        elif getattr(tokenizer, "chat_template", None):
+            out.append(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True))
+        else: raise ValueError("a conversational prompt needs a tokenizer with a chat template")
+    return out
 
 def response_logprobs(model, # causal LM
                       input_ids:torch.Tensor, # [B, P+L]
@@ -179,18 +216,37 @@ def _reference(policy, ref_model):
     else:
         with policy.disable_adapter(): yield policy
 
+def call_reward(reward_fn:Callable, # TRL signature: f(prompts, completions, **kwargs) -> list[float]
+                rows:list, # the TRL prompt rows
+                texts:list, # decoded completions
+                completion_ids:list, # their token ids
+               ) -> torch.Tensor: # [B] float32
+    "Call a TRL-style reward function as TRL's trainers do: prompts, completions, completion_ids and every other column."
+    prompts = [r["prompt"] for r in rows]
+    conv = not isinstance(prompts[0], str)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conv else list(texts)
+    cols = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "completion", "completion_ids")}
+    out = reward_fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **cols)
+    out = [float("nan") if v is None else float(v) for v in (out.tolist() if torch.is_tensor(out) else out)]
+    if len(out) != len(rows): raise ValueError(f"reward_fn returned {len(out)} rewards for {len(rows)} completions")
+    bad = [i for i, v in enumerate(out) if v != v or abs(v) == float("inf")]
+    if bad: raise ValueError(f"reward_fn returned a non-finite reward (or None) for completions {bad[:5]}")
+    return torch.tensor(out, dtype=torch.float32)
+
 def make_rollout(policy, # causal LM being trained
                  tokenizer, # its tokenizer
-                 items:list, # prompts (strings, or objects with .prompt)
-                 reward_fn:Callable, # reward_fn(items, texts, input_ids, attention_mask) -> [B] scores
+                 items:list, # prompts: strings, TRL prompt rows or ArithItems
+                 reward_fn:Callable, # TRL signature: reward_fn(prompts, completions, **kwargs) -> list[float]
                  value_model, # critic (see init_value_model)
                  cfg:PPOConfig, # hyper-parameters
                  ref_model=None, # frozen reference; None: policy.disable_adapter()
-                 seed:int|None=None, # sampling seed
+                 seed:int|None=None, # sampling seed (the global random state is left as it was)
                 ) -> Rollout:
     "Sample responses and compute log-probs, values, scores, shaped rewards and advantages."
-    gen = generate(policy, tokenizer, [_prompt_text(x) for x in items], max_new_tokens=cfg.max_new_tokens,
-                   temperature=1.0, batch_size=len(items), seed=seed)
+    rows = prompt_rows(items)
+    with torch.random.fork_rng(devices=[]):
+        gen = generate(policy, tokenizer, render_prompt_rows(tokenizer, rows), max_new_tokens=cfg.max_new_tokens,
+                       temperature=1.0, batch_size=len(rows), seed=seed, chat=False)
     eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
     resp = [c if c else [eos] for c in gen.completion_ids]
     p_ids, p_mask = pad_sequences(gen.prompt_ids, pad, "left")
@@ -198,117 +254,171 @@ def make_rollout(policy, # causal LM being trained
     dev = next(policy.parameters()).device
     ids, am = torch.cat([p_ids, r_ids], 1).to(dev), torch.cat([p_mask, r_mask], 1).to(dev)
     P, rm = p_ids.shape[1], r_mask.float().to(dev)
-    was = policy.training; policy.eval(); value_model.eval()
+    was, was_v = policy.training, value_model.training
+    policy.eval(); value_model.eval()
     with torch.no_grad():
         logp = response_logprobs(policy, ids, am, P) * rm
         with _reference(policy, ref_model) as ref: ref_logp = response_logprobs(ref, ids, am, P) * rm
         values = response_values(value_model, ids, am, P) * rm
-        scores = torch.as_tensor(reward_fn(items, gen.texts, ids, am), dtype=torch.float32, device=dev).reshape(-1)
+        scores = call_reward(reward_fn, rows, gen.texts, resp).to(dev)
+        correct = torch.tensor(verifier_reward(gen.texts, gen.texts, [r["answer"] for r in rows]), device=dev) \
+                  if "answer" in rows[0] else None
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * torch.tensor([eos not in c for c in resp], device=dev).float()
         rewards, kl = shaped_rewards(scores, logp, ref_logp, rm, cfg.kl_coef, cfg.kl_estimator)
         adv, ret = gae(rewards, values, rm, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages: adv = masked_whiten(adv, rm)
-    policy.train(was)
-    return Rollout(list(items), gen.texts, ids, am, rm, P, logp, ref_logp, values, scores, kl, rewards, adv, ret)
+    policy.train(was); value_model.train(was_v)
+    return Rollout(rows, gen.texts, ids, am, rm, P, logp, ref_logp, values, scores, kl, rewards, adv, ret, correct)
 
 # %% ../../nbs/21_ppo.ipynb #d6856f25
-def verifier_reward(items:list, # ArithItems, one per row
-                    texts:list, # decoded responses
-                    *_) -> torch.Tensor: # [B] 1.0 if the final answer is right, else 0.0
-    "The task verifier as a reward."
-    return torch.tensor([float(is_correct(i, t)) for i, t in zip(items, texts)])
+def _text(c): return c if isinstance(c, str) else c[-1]["content"]
+
+def verifier_reward(prompts:list, # the prompts (unused: the answer column says what is right)
+                    completions:list, # completions: strings, or lists of messages (conversational)
+                    answer:list, # the 'answer' column: the correct final answer of each row
+                    **kwargs) -> list: # 1.0 where the completion's final answer is right, else 0.0
+    "The task verifier as a TRL reward function."
+    return [float(extract_answer(_text(c)) == a) for c, a in zip(completions, answer)]
 
 def rm_reward(rm, # a reward model (chapter 20)
+              tokenizer, # the policy's tokenizer (renders the prompts as in generation)
               shift:float=0.0, # subtracted from raw scores (e.g. their mean on the starting policy)
               scale:float=1.0, # raw scores are divided by this (e.g. their std)
              ) -> Callable:
-    "A reward_fn that scores [prompt | response] with a frozen reward model."
+    "A TRL reward function that scores [prompt | completion] with a frozen reward model, on the sampled token ids."
     if scale <= 0: raise ValueError(f"scale must be > 0, got {scale}")
     rm.eval()
-    def reward_fn(items, texts, input_ids, attention_mask):
-        with torch.no_grad(): return (sequence_rewards(rm, input_ids, attention_mask) - shift) / scale
+    def reward_fn(prompts, completions, completion_ids=None, **kwargs):
+        p_ids = tokenizer(render_prompt_rows(tokenizer, [{"prompt": p} for p in prompts]), add_special_tokens=False)["input_ids"]
+        if completion_ids is None:
+            completion_ids = tokenizer([_text(c) for c in completions], add_special_tokens=False)["input_ids"]
+        ids, am = pad_sequences([p + list(c) for p, c in zip(p_ids, completion_ids)], _pad_id(tokenizer), "right")
+        dev = next(rm.parameters()).device
+        with torch.no_grad(): r = sequence_rewards(rm, ids.to(dev), am.to(dev))
+        return ((r - shift) / scale).tolist()
     return reward_fn
 
-def init_value_model(model, # a causal LM (policy backbone) or a reward model to copy
+def init_value_model(model, # a causal LM (policy backbone, with or without LoRA adapters) or a reward model to copy
                      tokenizer, # its tokenizer
                     ): # a sequence-classification model whose token_values are the critic
-    "The critic: a reward model's copy, or the LM's backbone with a zero-initialised scalar head."
+    "The critic: a reward model's copy, or the LM's backbone (a LoRA policy's base weights) with a zero scalar head."
     if hasattr(model, "score"): return copy.deepcopy(model)
-    vm = reward_model_from_causal_lm(model, tokenizer)
+    if hasattr(model, "disable_adapter") and hasattr(model, "unload"):  # PEFT: the base weights, adapters removed
+        base = copy.deepcopy(model).unload()
+        vm = reward_model_from_causal_lm(base, tokenizer); del base
+    else: vm = reward_model_from_causal_lm(model, tokenizer)
     torch.nn.init.zeros_(vm.score.weight)
-    return vm
+    return vm.train()
 
 # %% ../../nbs/21_ppo.ipynb #4e8c03d1
 @dataclass
 class PPOResult:
     "What a PPO run did: one dict per iteration."
-    history: list # iteration, score, kl, accuracy (if a verifier is known), losses, clipfrac, ...
+    history: list # iteration, score, kl, sample_accuracy (rows with an 'answer'), losses, clipfrac, ...; eval_fn's metrics at 0 and at the end
     seconds: float # wall time
     policy: object = None # the trained policy
+    train: TrainResult|None = None # the shared loop's record: one dict per optimiser step
 
-def _ppo_step(policy, value_model, ro, idx, cfg, opt, params):
-    ids, am, m = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
-    logp = response_logprobs(policy, ids, am, ro.P)
-    pg, met = ppo_policy_loss(logp, ro.logp[idx], ro.advantages[idx], m, cfg.cliprange)
-    v = response_values(value_model, ids, am, ro.P)
-    vl = ppo_value_loss(v, ro.values[idx], ro.returns[idx], m, cfg.cliprange_value)
-    loss = pg + cfg.vf_coef * vl
-    opt.zero_grad(set_to_none=True); loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm); opt.step()
-    return {"pg_loss": pg.item(), "v_loss": vl.item(), **met}
+class PolicyAndCritic(torch.nn.Module):
+    "PPO's two trained networks as one module, so that train_loop (accelerate, clipping, checkpoints) sees one model."
+    def __init__(self, policy, critic, cfg:PPOConfig):
+        super().__init__()
+        self.policy, self.critic, self.cfg = policy, critic, cfg
+
+    def forward(self, batch:dict) -> tuple: # (loss, metrics)
+        "L = L_pg + c_v L_V on a minibatch of rollout rows, plus the rollout's statistics of these rows."
+        ids, am, m = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        P = ids.shape[1] - m.shape[1]
+        pg, met = ppo_policy_loss(response_logprobs(self.policy, ids, am, P), batch["logp"], batch["advantages"], m,
+                                  self.cfg.cliprange)
+        vl = ppo_value_loss(response_values(self.critic, ids, am, P), batch["values"], batch["returns"], m,
+                            self.cfg.cliprange_value)
+        stats = {k: batch[k].float().mean().item() for k in ("score", "kl", "response_length", "correct") if k in batch}
+        return pg + self.cfg.vf_coef * vl, {"pg_loss": pg.item(), "v_loss": vl.item(), **met, **stats}
+
+def stack_rows(rows:list) -> dict:
+    "Collate rollout rows (dicts of tensors of equal shapes) into a batch."
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+def _per_iteration(steps:list, spi:int) -> list:
+    "train_loop's per-step history grouped into one record per PPO iteration."
+    out = []
+    for s in range(0, len(steps) - spi + 1, spi):
+        h = steps[s:s + spi]
+        mean = lambda k: sum(x[k] for x in h) / len(h)
+        rec = {"iteration": s // spi + 1, "score": mean("score"), "kl": mean("kl"), "response_length": mean("response_length"),
+               "first_ratio_max_dev": h[0]["ratio_max_dev"], "first_clipfrac": h[0]["clipfrac"],
+               **{k: mean(k) for k in ("pg_loss", "v_loss", "clipfrac", "approx_kl", "loss")}}
+        if "correct" in h[0]: rec["sample_accuracy"] = mean("correct")
+        out.append(rec)
+    return out
+
+def _check_reward_fn(f):
+    names = list(inspect.signature(f).parameters)
+    if names[:2] in (["items", "texts"], ["items", "texts", "input_ids"]):
+        raise TypeError("reward_fn now takes TRL's signature f(prompts, completions, **kwargs) -> list[float], with the "
+                        "prompt rows' other columns (e.g. answer) as keyword arguments; this one looks like the old "
+                        "f(items, texts, input_ids, attention_mask)")
 
 def train_ppo(policy, # causal LM to optimise (all parameters with requires_grad train)
               tokenizer, # its tokenizer
-              prompts:list, # prompt pool: strings or ArithItems
-              reward_fn:Callable, # reward_fn(items, texts, input_ids, attention_mask) -> [B]
+              prompts:list, # prompt pool: strings, TRL prompt rows ({'prompt': ..., other columns}) or ArithItems
+              reward_fn:Callable, # TRL signature: reward_fn(prompts, completions, completion_ids, **columns) -> list[float]
               cfg:PPOConfig|None=None, # hyper-parameters
-              value_model=None, # critic; None: init_value_model(policy)
+              value_model=None, # critic; None: init_value_model(policy) (a LoRA policy's base weights)
               ref_model=None, # frozen reference; None: a frozen copy of the starting policy (or disable_adapter for LoRA)
-              eval_fn:Callable|None=None, # eval_fn(policy) -> dict, run before training and after the last iteration
-              progress:bool=True, # tqdm bar over iterations
+              eval_fn:Callable|None=None, # eval_fn(policy) -> dict, run before training (fresh runs) and after the last iteration
+              out_dir:str|Path|None=None, # checkpoint folder: resumable at iteration boundaries
+              resume:bool=True, # continue from out_dir's checkpoint of the same run
+              stop_after:int|None=None, # stop (and checkpoint) after this many iterations of this call
+              accelerator=None, # an accelerate.Accelerator (None: a default one)
+              progress:bool=True, # tqdm bar over optimiser steps
              ) -> PPOResult:
-    "RLHF with PPO: rollouts, KL-shaped rewards, GAE, clipped policy and value updates."
+    "RLHF with PPO on core.train_loop: rollouts, KL-shaped rewards, GAE, clipped policy and value updates."
     cfg = cfg or PPOConfig()
-    if not prompts: raise ValueError("no prompts to roll out; pass a list of prompts or ArithItems")
-    if cfg.minibatch_size > cfg.prompts_per_iter or cfg.prompts_per_iter % cfg.minibatch_size:
-        raise ValueError(f"prompts_per_iter={cfg.prompts_per_iter} must be a multiple of minibatch_size="
-                         f"{cfg.minibatch_size}")
+    if not prompts: raise ValueError("no prompts to roll out; pass a list of prompts, TRL prompt rows or ArithItems")
+    rows = prompt_rows(prompts)
+    _check_reward_fn(reward_fn)
     set_seed(cfg.seed)
     if ref_model is None and not hasattr(policy, "disable_adapter"):
         ref_model = copy.deepcopy(policy)
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
-    value_model = value_model if value_model is not None else init_value_model(policy, tokenizer)
-    pol_params = [p for p in policy.parameters() if p.requires_grad]
-    val_params = [p for p in value_model.parameters() if p.requires_grad]
-    if not pol_params: raise ValueError("the policy has no trainable parameters")
-    opt = torch.optim.AdamW([{"params": pol_params, "lr": cfg.lr}, {"params": val_params, "lr": cfg.value_lr}])
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos, history, t0 = torch.randperm(len(prompts), generator=gen).tolist(), 0, [], time.perf_counter()
-    if eval_fn is not None: history.append({"iteration": 0, **eval_fn(policy)})
-    bar = tqdm(range(cfg.iterations), desc="ppo", disable=not progress, dynamic_ncols=True)
-    for it in bar:
-        batch = []
-        while len(batch) < cfg.prompts_per_iter:
-            if pos == len(order): order, pos = torch.randperm(len(prompts), generator=gen).tolist(), 0
-            batch.append(prompts[order[pos]]); pos += 1
-        ro = make_rollout(policy, tokenizer, batch, reward_fn, value_model, cfg, ref_model, seed=cfg.seed * 7919 + it)
-        policy.train(); value_model.train()
-        steps = []
-        for ep in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(batch), generator=gen)
-            for s in range(0, len(batch), cfg.minibatch_size):
-                steps.append(_ppo_step(policy, value_model, ro, perm[s:s + cfg.minibatch_size], cfg, opt,
-                                       pol_params + val_params))
-        rec = {"iteration": it + 1, "score": ro.scores.mean().item(),
-               "kl": (ro.kl.sum(-1)).mean().item(),
-               "response_length": ro.response_mask.sum(-1).mean().item(),
-               "first_ratio_max_dev": steps[0]["ratio_max_dev"], "first_clipfrac": steps[0]["clipfrac"],
-               **{k: sum(s[k] for s in steps) / len(steps) for k in ("pg_loss", "v_loss", "clipfrac", "approx_kl")}}
-        if hasattr(ro.items[0], "answer"): rec["sample_accuracy"] = verifier_reward(ro.items, ro.texts).mean().item()
-        history.append(rec)
-        bar.set_postfix(score=f"{rec['score']:.3f}", kl=f"{rec['kl']:.3f}")
-    if eval_fn is not None: history.append({"iteration": cfg.iterations, **eval_fn(policy)})
+    critic = value_model if value_model is not None else init_value_model(policy, tokenizer)
+    if not any(p.requires_grad for p in policy.parameters()): raise ValueError("the policy has no trainable parameters")
+    pair = PolicyAndCritic(policy, critic, cfg)
+    def make(it):  # one rollout per iteration, identical on every process (same seed, same weights)
+        batch = sample_batch(rows, it, cfg.prompts_per_iter, cfg.seed)
+        return make_rollout(policy, tokenizer, batch, reward_fn, critic, cfg, ref_model, seed=cfg.seed * 7919 + it).examples()
+    data = OnlineData(make, cfg.prompts_per_iter, cfg.minibatch_size, cfg.ppo_epochs, cfg.seed,
+                      fingerprint=("ppo", rows, getattr(reward_fn, "__qualname__", repr(reward_fn)), dataclasses.asdict(cfg)))
+    spi = data.steps_per_iteration
+    tcfg = TrainConfig(steps=cfg.iterations * spi, batch_size=cfg.minibatch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
+                       schedule="constant", max_grad_norm=cfg.max_grad_norm, save_every=cfg.save_every * spi, seed=cfg.seed)
+    t0, history = time.perf_counter(), []
+    resuming = out_dir is not None and resume and (Path(out_dir) / "checkpoint.safetensors").exists()
+    if eval_fn is not None and not resuming: history.append({"iteration": 0, **eval_fn(policy)})
+    res = train_loop(pair, lambda m, b: m(b), data, tcfg, collate=stack_rows,
+                     eval_fn=(lambda m: eval_fn(m.policy)) if eval_fn is not None else None, out_dir=out_dir,
+                     resume=resume, stop_after=None if stop_after is None else stop_after * spi, accelerator=accelerator,
+                     progress=progress, desc="ppo", count_fn=lambda b: b["response_mask"].sum(),
+                     lr_scales={"critic.": cfg.value_lr / cfg.lr})
+    history += _per_iteration(res.history, spi)
+    history += [{"iteration": e["step"] // spi, **{k: v for k, v in e.items() if k not in ("step", "eval")}} for e in res.evals]
     policy.eval()
-    return PPOResult(history, time.perf_counter() - t0, policy)
+    return PPOResult(history, time.perf_counter() - t0, policy, res)
+
+def _ppo_stage(state, iterations:int=12, prompts_per_iter:int=64, minibatch_size:int=16, lr:float=5e-5,
+               kl_coef:float=0.05, n_prompts:int=3000):
+    "Pipeline stage: PPO on the current model with the task verifier as reward (full weights, frozen copy as reference)."
+    rows = [{"prompt": it.prompt, "answer": it.answer} for it in state.task.sample(n_prompts, seed=state.seed, split="train")]
+    cfg = PPOConfig(iterations=iterations, prompts_per_iter=prompts_per_iter, minibatch_size=minibatch_size, lr=lr,
+                    kl_coef=kl_coef, seed=state.seed)
+    res = train_ppo(state.model, state.tokenizer, rows, verifier_reward, cfg, progress=state.progress)
+    state.model = res.policy
+    last = [h for h in res.history if "score" in h][-1]
+    return {"train_tokens_per_second": res.train.tokens_per_second, "score": last["score"], "kl": last["kl"]}
+
+from ..pipeline import register_stage
+register_stage("ppo", _ppo_stage, "PPO with the task verifier as reward (full weights, KL to a frozen copy)")
