@@ -19,8 +19,8 @@ from nbdev.processors import FilterDefaults, exec_show_docs
 from nbdev.serve import proc_nbs
 
 # %% auto #0
-__all__ = ['proc_notebooks', 'clean_nb', 'relink_nb', 'mathjax_dir', 'copy_mathjax', 'sphinx_conf', 'site_notebooks',
-           'build_site', 'broken_links', 'write_readme', 'main']
+__all__ = ['proc_notebooks', 'clean_nb', 'relink_nb', 'mathjax_dir', 'copy_mathjax', 'sphinx_conf', 'project_notebooks',
+           'site_notebooks', 'build_site', 'broken_links', 'write_readme', 'main']
 
 # %% ../nbs/99_docs.ipynb #7c59c40d
 _EXPORTS = {"export", "exports", "exporti", "exec_doc"}
@@ -183,13 +183,27 @@ def sphinx_conf(title:str, # the site's title
     return _CONF.format(title=title)
 
 # %% ../nbs/99_docs.ipynb #f5b53e2b
+def project_notebooks(nbs:str|Path|None=None, # notebooks folder; None reads the project's nbdev settings
+                     ) -> Path: # the notebooks folder, checked to hold index.ipynb
+    "The project's notebooks folder, or a clear error when the command is not run inside an nbdev project."
+    cfg = get_config()
+    nbs = Path(nbs or cfg.nbs_path)
+    if not (nbs / "index.ipynb").exists():
+        has_cfg = any((cfg.config_path / f).exists() for f in ("pyproject.toml", "settings.ini"))
+        where = (f"{cfg.config_path} has no nbdev settings (pyproject.toml with [tool.nbdev], or settings.ini)"
+                 if not has_cfg else f"{nbs} holds no index.ipynb")
+        raise FileNotFoundError(f"posttrain-docs builds the site of an nbdev project from its notebooks folder "
+                                f"(with nbs/index.ipynb as the landing page), but {where}; run it from the project "
+                                f"root, e.g. the posttrain_nb checkout")
+    return nbs
+
 def site_notebooks(nbs:str|Path|None=None, # notebooks folder; None reads pyproject.toml
                    force:bool=False, # passed to `proc_notebooks`
                    strict:bool=False, # passed to `proc_notebooks`
                   ) -> dict: # {page name: clean notebook}, index first, then chapters by file name
     "Process, clean and relink every notebook, in reading order."
     cfg = get_config()
-    nbs = Path(nbs or cfg.nbs_path)
+    nbs = project_notebooks(nbs)
     cache, _ = proc_notebooks(nbs, force=force, strict=strict)
     pages = {}
     for f in sorted(_notebooks(nbs), key=lambda f: (f.name != "index.ipynb", f.name)):
@@ -206,8 +220,8 @@ def build_site(out:str|Path="_docs", # the site folder; a relative path is under
               ) -> Path: # the site folder: open its `index.html`
     "Build the documentation site offline with Sphinx, myst-nb and a local MathJax 3."
     cfg = get_config()
+    pages = site_notebooks(nbs, force=force, strict=strict)  # refuses first when not inside a project
     out = cfg.config_path / out
-    pages = site_notebooks(nbs, force=force, strict=strict)
     toc = "\n".join(p for p in pages if p != "index")
     pages["index"].cells.append(nbformat.v4.new_markdown_cell(f"```{{toctree}}\n:hidden:\n\n{toc}\n```"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +280,8 @@ def main(out:str="_docs", # the site folder, relative to the project root
          check:bool=False, # fail if a relative link in the site points at a missing file
         ):
     "Build the documentation site offline (Sphinx + myst-nb, MathJax 3 from npm); no Quarto needed."
-    site = build_site(out, force=force, strict=strict)
+    try: site = build_site(out, force=force, strict=strict)
+    except FileNotFoundError as e: sys.exit(f"posttrain-docs: {e}")
     print(f"site: {site / 'index.html'}")
     if readme: print(f"readme: {write_readme()}")
     if check and (bad := broken_links(site)):
