@@ -220,8 +220,8 @@ def load(name:str, # teacher, base or draft
         if problems: raise ValueError(f"zoo model {name!r} at {path} is corrupt: {'; '.join(problems)}. {fix}")
     try:
         with _quiet_hf():
-            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
-            tok = AutoTokenizer.from_pretrained(path)
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)   # a zoo load never goes to the network
     except Exception as e:
         raise ValueError(f"zoo model {name!r} at {path} is corrupt ({type(e).__name__}: {e}); {fix}") from e
     bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
