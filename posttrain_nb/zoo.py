@@ -414,8 +414,8 @@ def paired_difference(correct_a:list, # per problem: method A right?
 def describe_difference(diff:float, # a difference of accuracies (A - B), as a fraction
                         se:float, # its standard error
                        ) -> str: # e.g. '+2.7 ± 2.0 points: within noise'
-    "The course's words for a difference: within noise below 2 standard errors, else a clear gain or loss."
-    verdict = ("within noise" if abs(diff) < 2 * se else "a clear gain" if diff > 0 else "a clear loss")
+    "The course's words for a difference: within noise up to 2 standard errors, else a clear gain or loss."
+    verdict = ("within noise" if abs(diff) <= 2 * se else "a clear gain" if diff > 0 else "a clear loss")
     return f"{100 * diff:+.1f} ± {100 * se:.1f} points: {verdict}"
 
 # %% ../nbs/02_zoo.ipynb #39eaf847
