@@ -17,9 +17,10 @@ from .core import (set_seed, encode_for_training, masked_lm_loss, TrainConfig, t
 from .tasks import ArithTask, evaluate, LEVEL_NAMES
 
 # %% auto #0
-__all__ = ['SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_NAMES', 'PACKAGED_ZOO', 'rebuild_zoo', 'build_tokenizer', 'ZooRecipe',
-           'model_config', 'pretokenize', 'collate_pretokenized', 'save_model_dir', 'default_cache_dir', 'zoo_dir',
-           'model_path', 'load', 'train_zoo_model', 'rebuild', 'next_token_agreement', 'main']
+__all__ = ['SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_NAMES', 'PACKAGED_ZOO', 'HELDOUT_SIZE', 'rebuild_zoo', 'build_tokenizer',
+           'ZooRecipe', 'model_config', 'pretokenize', 'collate_pretokenized', 'save_model_dir', 'default_cache_dir',
+           'zoo_dir', 'model_path', 'file_digests', 'verify', 'load', 'train_zoo_model', 'rebuild',
+           'next_token_agreement', 'heldout_items', 'accuracy_se', 'paired_difference', 'describe_difference', 'main']
 
 # %% ../nbs/02_zoo.ipynb #aba8c12e
 SPECIAL_TOKENS = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -165,22 +166,70 @@ def model_path(name:str, # teacher, base or draft
         raise ValueError(f"unknown zoo model {name!r}; valid names are {', '.join(ZOO_NAMES)}")
     return Path(root or zoo_dir()) / name
 
+def file_digests(folder:str|Path, # a zoo folder (digests of every file of every model in it)
+                 names:tuple=ZOO_NAMES, # the model subfolders to hash
+                ) -> dict: # {'teacher/config.json': sha256 hex, ...}
+    "The sha256 of every file of the zoo's model folders, keyed by its path relative to `folder`."
+    import hashlib
+    folder, out = Path(folder), {}
+    for n in names:
+        for f in sorted((folder / n).iterdir()) if (folder / n).is_dir() else []:
+            if f.is_file(): out[f"{n}/{f.name}"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+def verify(root:str|Path|None=None, # a zoo folder; zoo_dir() if None
+           names:tuple=ZOO_NAMES, # models to check
+          ) -> dict: # {name: [problems]}; an empty list means the model's files match the manifest
+    "Check every model file against the sha256 the manifest recorded when the zoo was built."
+    root = Path(root or zoo_dir())
+    man_path = root / "manifest.json"
+    try: want = json.loads(man_path.read_text()).get("files") if man_path.exists() else None
+    except ValueError: want = None
+    out = {}
+    for n in names:
+        if not (root / n / "model.safetensors").exists() or not (root / n / "config.json").exists():
+            out[n] = [f"missing: {root / n} has no model.safetensors/config.json"]; continue
+        if want is None:
+            out[n] = [f"{man_path} is missing or records no file hashes"]; continue
+        got = file_digests(root, (n,))
+        mine = {k: v for k, v in want.items() if k.startswith(n + "/")}
+        out[n] = ([f"{k}: missing" for k in sorted(mine.keys() - got.keys())] +
+                  [f"{k}: not in the manifest" for k in sorted(got.keys() - mine.keys())] +
+                  [f"{k}: sha256 {got[k][:12]}... but the manifest records {mine[k][:12]}... (changed or truncated)"
+                   for k in sorted(mine.keys() & got.keys()) if got[k] != mine[k]])
+    return out
+
+def _repair_hint(root): return (f"repair it with `posttrain-zoo --rebuild --out {root}` (it verifies every file and "
+                                "rebuilds the zoo if any fails; about 10 minutes on 2 CPU cores)")
+
 def load(name:str, # teacher, base or draft
          root:str|Path|None=None, # a zoo folder; zoo_dir() if None
          device:str|None=None, # where to put the model (default: CPU)
         ) -> tuple: # (model in eval mode, tokenizer)
-    "Load zoo model `name` and its tokenizer with `from_pretrained`."
+    "Load zoo model `name` and its tokenizer with `from_pretrained`, after checking its files against the manifest."
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = model_path(name, root)
-    fix = (f"rebuild it with `posttrain-zoo --rebuild --out {path.parent}` (about 10 minutes on 2 CPU cores)")
+    path = model_path(name, root); root = path.parent
+    fix = _repair_hint(root)
+    if any(root.glob(".stage-*/.complete")):
+        raise ValueError(f"the zoo at {root} is half-way through an interrupted rebuild; {fix} to finish it")
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"zoo model {name!r} is missing from {path}; {fix}")
+    man = root / "manifest.json"
+    if man.exists():  # a folder saved by hand (save_model_dir, no manifest) is still checked key by key below
+        problems = verify(root, (name,))[name]
+        if problems: raise ValueError(f"zoo model {name!r} at {path} is corrupt: {'; '.join(problems)}. {fix}")
     try:
         with _quiet_hf():
-            model = AutoModelForCausalLM.from_pretrained(path)
-            tok = AutoTokenizer.from_pretrained(path)
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)   # a zoo load never goes to the network
     except Exception as e:
         raise ValueError(f"zoo model {name!r} at {path} is corrupt ({type(e).__name__}: {e}); {fix}") from e
+    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:  # transformers would fill missing weights with random ones: refuse instead
+        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}{' ...' if len(v) > 4 else ''}"
+                         for k, v in bad.items())
+        raise ValueError(f"zoo model {name!r} at {path} does not match its config ({what}); {fix}")
     if device is not None: model = model.to(device)
     return model.eval(), tok
 
@@ -210,60 +259,109 @@ def train_zoo_model(tokenizer, # the zoo tokenizer
                      eval_fn=(lambda m, step: probe(m, step)) if probe else None, desc=desc)
     return model.eval(), res
 
+def _leftovers(out):
+    "Temporary folders an interrupted save or rebuild can leave in `out`."
+    return sorted(p for p in out.iterdir() if p.name.startswith(".") and
+                  (".tmp-" in p.name or ".old-" in p.name or p.name.startswith(".stage-")))
+
+def _swap_in(out, stage):
+    "Move a complete staged zoo into `out`: models first, manifest last; safe to call again after a crash."
+    for n in ZOO_NAMES:
+        if not (stage / n).exists(): continue          # already moved by an earlier, interrupted swap
+        old = out / f".{n}.old-{os.getpid()}"
+        if (out / n).exists(): os.replace(out / n, old)
+        os.replace(stage / n, out / n)
+    if (stage / "manifest.json").exists(): os.replace(stage / "manifest.json", out / "manifest.json")
+    shutil.rmtree(stage, ignore_errors=True)
+
+def _recover(out, log):
+    "Finish a rebuild that was killed while swapping its models in; delete every other leftover."
+    for stage in sorted(out.glob(".stage-*/.complete")):
+        log(f"finishing an interrupted rebuild in {out} (moving its staged models in)")
+        _swap_in(out, stage.parent)
+    for p in _leftovers(out):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
 def rebuild(out:str|Path|None=None, # output zoo folder; default_cache_dir() if None
             recipe:ZooRecipe|None=None, # the recipe; ZooRecipe() if None
-            force:bool=False, # rebuild even if `out` already holds this recipe's zoo
+            force:bool=False, # rebuild even if `out` already holds this recipe's zoo and every file verifies
+            log:callable=print, # where progress messages go
            ) -> dict: # the manifest
-    "Train teacher, base and draft from scratch into `out`, under a file lock."
+    "Verify the zoo in `out` and (re)build it from scratch if anything fails, under a file lock."
+    from filelock import Timeout
     recipe = recipe or ZooRecipe()
     out = Path(out or default_cache_dir()); out.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out / ".rebuild.lock")):
+    lock = FileLock(str(out / ".rebuild.lock"))
+    try: lock.acquire(timeout=0)
+    except Timeout:
+        log(f"waiting for another rebuild of {out} to finish (it holds {lock.lock_file}) ...")
+        lock.acquire()
+    try:
+        _recover(out, log)
         man_path = out / "manifest.json"
         if not force and man_path.exists():
             man = json.loads(man_path.read_text())
-            if man.get("recipe") == json.loads(json.dumps(asdict(recipe))) and all((out / n / "model.safetensors").exists() for n in ZOO_NAMES):
+            problems = {n: p for n, p in verify(out).items() if p}
+            if man.get("recipe") != json.loads(json.dumps(asdict(recipe))):
+                log(f"{out} holds a zoo built by a different recipe; rebuilding")
+            elif problems:
+                for n, p in problems.items(): log(f"{n}: " + "; ".join(p))
+                log(f"{len(problems)} model(s) failed verification; rebuilding the zoo in {out}")
+            else:
+                log(f"verified {len(man['files'])} files in {out} against the manifest: all match, nothing to rebuild")
                 return man
-        return _rebuild_unlocked(out, recipe)
+        return _rebuild_unlocked(out, recipe, log)
+    finally:
+        lock.release()
 
-def _rebuild_unlocked(out, recipe):
+def _rebuild_unlocked(out, recipe, log=print):
     import transformers
     t_start = time.perf_counter()
-    task = ArithTask()
-    tok = build_tokenizer(task)
-    data = pretokenize(tok, task.sample(recipe.n_train, seed=recipe.seed, split="train"))
-    val = task.sample(recipe.n_val, seed=recipe.seed, split="val")
-    report = {"recipe": asdict(recipe), "torch": torch.__version__, "transformers": transformers.__version__,
-              "models": {}}
-    probes, base = [], {}
-    lo, hi = recipe.base_probe
-    def probe(model, step):
-        if base or not (lo <= step <= hi) or step % recipe.base_probe_every: return None
-        acc = _val_accuracy(model, tok, val); probes.append({"step": step, "val_accuracy": acc})
-        if acc >= recipe.base_target: base.update(step=step, val_accuracy=acc, state=_snapshot(model))
-        return {"val_accuracy": acc}
-    t0 = time.perf_counter()
-    teacher, res_t = train_zoo_model(tok, recipe.teacher_layers, recipe.teacher_steps, data, recipe, probe, "teacher")
-    t_teacher = time.perf_counter() - t0
-    if not base:
-        raise RuntimeError(f"no teacher snapshot reached {recipe.base_target:.0%} validation accuracy within steps "
-                           f"{recipe.base_probe}; widen base_probe in the recipe. Probes: {probes}")
-    def summary(name, model, res, seconds, **kw):
-        return {"params": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1),
-                "val_accuracy": _val_accuracy(model, tok, val),
-                "loss": [round(h["loss"], 4) for h in res.history], **kw}
-    from transformers import LlamaForCausalLM
-    base_model = LlamaForCausalLM(model_config(tok, recipe.teacher_layers, recipe)); base_model.load_state_dict(base["state"])
-    base_model.eval()
-    report["models"]["teacher"] = summary("teacher", teacher, res_t, t_teacher, steps=recipe.teacher_steps)
-    report["models"]["base"] = summary("base", base_model, type(res_t)(res_t.history[:base["step"]], [], base["step"], 0, 0),
-                                       0.0, steps=base["step"], probes=probes)
-    t0 = time.perf_counter()
-    draft, res_d = train_zoo_model(tok, recipe.draft_layers, recipe.draft_steps, data, recipe, None, "draft")
-    report["models"]["draft"] = summary("draft", draft, res_d, time.perf_counter() - t0, steps=recipe.draft_steps)
-    for name, m in (("teacher", teacher), ("base", base_model), ("draft", draft)):
-        save_model_dir(m, tok, out / name, {k: v for k, v in report["models"][name].items() if k != "loss"})
-    report["seconds"] = round(time.perf_counter() - t_start, 1)
-    tmp = out / ".manifest.json.tmp"; tmp.write_text(json.dumps(report)); os.replace(tmp, out / "manifest.json")
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".stage-"))
+    log(f"building the zoo into {out} (staged in {stage.name}; the old zoo stays usable until the end)")
+    try:
+        task = ArithTask()
+        tok = build_tokenizer(task)
+        data = pretokenize(tok, task.sample(recipe.n_train, seed=recipe.seed, split="train"))
+        val = task.sample(recipe.n_val, seed=recipe.seed, split="val")
+        report = {"recipe": asdict(recipe), "torch": torch.__version__, "transformers": transformers.__version__,
+                  "models": {}}
+        probes, base = [], {}
+        lo, hi = recipe.base_probe
+        def probe(model, step):
+            if base or not (lo <= step <= hi) or step % recipe.base_probe_every: return None
+            acc = _val_accuracy(model, tok, val); probes.append({"step": step, "val_accuracy": acc})
+            if acc >= recipe.base_target: base.update(step=step, val_accuracy=acc, state=_snapshot(model))
+            return {"val_accuracy": acc}
+        t0 = time.perf_counter()
+        teacher, res_t = train_zoo_model(tok, recipe.teacher_layers, recipe.teacher_steps, data, recipe, probe, "teacher")
+        t_teacher = time.perf_counter() - t0
+        if not base:
+            raise RuntimeError(f"no teacher snapshot reached {recipe.base_target:.0%} validation accuracy within steps "
+                               f"{recipe.base_probe}; widen base_probe in the recipe. Probes: {probes}")
+        def summary(name, model, res, seconds, **kw):
+            return {"params": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1),
+                    "val_accuracy": _val_accuracy(model, tok, val),
+                    "loss": [round(h["loss"], 4) for h in res.history], **kw}
+        from transformers import LlamaForCausalLM
+        base_model = LlamaForCausalLM(model_config(tok, recipe.teacher_layers, recipe)); base_model.load_state_dict(base["state"])
+        base_model.eval()
+        report["models"]["teacher"] = summary("teacher", teacher, res_t, t_teacher, steps=recipe.teacher_steps)
+        report["models"]["base"] = summary("base", base_model, type(res_t)(res_t.history[:base["step"]], [], base["step"], 0, 0),
+                                           0.0, steps=base["step"], probes=probes)
+        t0 = time.perf_counter()
+        draft, res_d = train_zoo_model(tok, recipe.draft_layers, recipe.draft_steps, data, recipe, None, "draft")
+        report["models"]["draft"] = summary("draft", draft, res_d, time.perf_counter() - t0, steps=recipe.draft_steps)
+        for name, m in (("teacher", teacher), ("base", base_model), ("draft", draft)):
+            save_model_dir(m, tok, stage / name, {k: v for k, v in report["models"][name].items() if k != "loss"})
+        report["seconds"] = round(time.perf_counter() - t_start, 1)
+        report["files"] = file_digests(stage)
+        (stage / "manifest.json").write_text(json.dumps(report))
+        (stage / ".complete").touch()   # the commit point: from here on, _recover rolls forward, never back
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True); raise
+    _swap_in(out, stage)
+    log(f"rebuilt the zoo into {out} in {report['seconds']:.0f} s")
     return json.loads(json.dumps(report))  # the same value a later call reads back from manifest.json
 
 # %% ../nbs/02_zoo.ipynb #3e99a241
@@ -284,29 +382,71 @@ def next_token_agreement(draft, # the proposing model
     m = rm[:, 1:].bool()
     return (pt[m] == pd[m]).float().mean().item()
 
+# %% ../nbs/02_zoo.ipynb #87337ecc
+HELDOUT_SIZE = 500 # problems in the course's held-out evaluation set
+
+def heldout_items(n:int=HELDOUT_SIZE, # how many of the held-out problems (a prefix of the full set)
+                 ) -> list: # ArithItems
+    "The course's held-out evaluation set: the first n of 500 test-split problems of the default task, seed 0."
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= HELDOUT_SIZE:
+        raise ValueError(f"n must be an integer in 1..{HELDOUT_SIZE} (the held-out set's size), got {n!r}")
+    return ArithTask().sample(HELDOUT_SIZE, seed=0, split="test")[:n]
+
+def accuracy_se(correct:list, # per problem: was it right? (bools or 0/1)
+               ) -> tuple: # (accuracy, its binomial standard error)
+    "Accuracy over problems and its standard error sqrt(p(1-p)/n)."
+    import math
+    if len(correct) == 0: raise ValueError("accuracy_se got no problems")
+    p = sum(map(float, correct)) / len(correct)
+    return p, math.sqrt(p * (1 - p) / len(correct))
+
+def paired_difference(correct_a:list, # per problem: method A right?
+                      correct_b:list, # per problem, same problems in the same order: method B right?
+                     ) -> tuple: # (mean of A - B, standard error of that mean)
+    "Accuracy of A minus accuracy of B on the same problems, with the standard error of the paired difference."
+    import math
+    if len(correct_a) != len(correct_b) or len(correct_a) < 2:
+        raise ValueError(f"need two equally long lists of at least 2 problems, got {len(correct_a)} and {len(correct_b)}")
+    d = [float(a) - float(b) for a, b in zip(correct_a, correct_b)]
+    m = sum(d) / len(d)
+    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+def describe_difference(diff:float, # a difference of accuracies (A - B), as a fraction
+                        se:float, # its standard error
+                       ) -> str: # e.g. '+2.7 ± 2.0 points: within noise'
+    "The course's words for a difference: within noise up to 2 standard errors, else a clear gain or loss."
+    verdict = ("within noise" if abs(diff) <= 2 * se else "a clear gain" if diff > 0 else "a clear loss")
+    return f"{100 * diff:+.1f} ± {100 * se:.1f} points: {verdict}"
+
 # %% ../nbs/02_zoo.ipynb #39eaf847
 @call_parse
-def main(rebuild:bool=False, # retrain the zoo from scratch (about 10 minutes on 2 CPU cores)
+def main(rebuild:bool=False, # verify the zoo and rebuild it from scratch if any file fails (about 10 minutes on 2 CPU cores)
          out:str=None, # folder to rebuild into (default: ~/.cache/posttrain_nb/zoo)
-         force:bool=False, # rebuild even if `out` already holds a zoo made by the same recipe
+         force:bool=False, # rebuild even if every file verifies
          threads:int=2, # torch CPU threads for the rebuild (results are reproducible for a fixed value)
         ):
-    "Show the tiny-model zoo, or rebuild it reproducibly with --rebuild."
+    "Show and verify the tiny-model zoo, or repair it (rebuild it reproducibly) with --rebuild."
+    import sys
+    root = Path(out or default_cache_dir()) if rebuild else (Path(out) if out else zoo_dir())
     if rebuild:
         torch.set_num_threads(threads)
-        man = rebuild_zoo(out, force=force)
-        root = Path(out or default_cache_dir())
-        print(f"rebuilt the zoo into {root} in {man['seconds']:.0f} s")
+        try: rebuild_zoo(root, force=force)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: the zoo in {root} is unchanged (the partial build was removed); "
+                  "run the same command again to rebuild", file=sys.stderr)
+            raise SystemExit(130)
         if root.resolve() != zoo_dir().resolve(): print(f"use it with: export POSTTRAIN_ZOO_DIR={root.resolve()}")
-    else: root = zoo_dir()
-    man_path = Path(root) / "manifest.json"
-    man = json.loads(man_path.read_text()) if man_path.exists() else {"models": {}}
+    man_path = root / "manifest.json"
+    try: man = json.loads(man_path.read_text())
+    except (OSError, ValueError): man = {"models": {}}
+    problems = verify(root)
     print(f"zoo folder: {root}")
     print(f"{'name':8s} {'params':>9s} {'steps':>6s} {'val acc':>8s}  status")
     for n in ZOO_NAMES:
-        m = man["models"].get(n, {})
-        ok = (Path(root) / n / "model.safetensors").exists()
-        print(f"{n:8s} {m.get('params', 0):>9,d} {m.get('steps', 0):>6d} {m.get('val_accuracy', 0):>8.1%}  "
-              f"{'ok' if ok else 'MISSING: run posttrain-zoo --rebuild'}")
+        m = man.get("models", {}).get(n, {})
+        status = "sha256 verified: ok" if not problems[n] else "FAILED: " + "; ".join(problems[n])
+        print(f"{n:8s} {m.get('params', 0):>9,d} {m.get('steps', 0):>6d} {m.get('val_accuracy', 0):>8.1%}  {status}")
+    if any(problems.values()):
+        print(f"repair with: posttrain-zoo --rebuild --out {root}"); raise SystemExit(1)
 
 rebuild_zoo = rebuild

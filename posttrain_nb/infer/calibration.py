@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from ..core import (pad_sequences, render_prompts, token_logprobs, generate, TrainConfig, train_loop,
                                add_lora, _encode, _pad_id, _max_len)
 from ..tasks import extract_answer
-from .sampling import majority_vote, weighted_vote, best_of_n, sample_pool, SamplePool
+from .sampling import (majority_vote, weighted_vote, best_of_n, sample_pool, SamplePool,
+                                         adaptive_vote)
 from ..pipeline import register_stage
 
 # %% auto #0
@@ -267,32 +268,19 @@ def early_stop_bon(stream:Iterable, # (answer, confidence) pairs in draw order; 
     if fallback == "best": return answers[best_of_n(answers, confs)], len(answers)
     return weighted_vote(answers, confs), len(answers)
 
-def _adaptive(stream, tau, weighted, min_samples):
-    _check_tau(tau)
-    if min_samples < 1: raise ValueError(f"min_samples must be >= 1, got {min_samples}")
-    answers, confs, W, t = [], [], {}, 0
-    for t, (a, c) in enumerate(_pairs(stream), start=1):
-        w = c if weighted else 1.0
-        answers.append(a); confs.append(w)
-        if a is not None: W[a] = W.get(a, 0.0) + w
-        total = sum(W.values())
-        if t >= min_samples and total > 0 and max(W.values()) >= tau * total * (1 - 1e-9): break
-    if t == 0: raise ValueError("the stream is empty; draw at least one sample")
-    return (weighted_vote(answers, confs) if weighted else majority_vote(answers)), t
-
 def adaptive_sc_with_confidence(stream:Iterable, # (answer, confidence) pairs in draw order; its length is N
                                 tau:float, # stop when the leading answer holds this share of the confidence mass
                                 min_samples:int=2, # never stop before this many samples
                                ) -> tuple: # (weighted vote at the stop, samples used)
     "Adaptive self-consistency with confidence: stop once max_z W_t(z) / sum_z W_t(z) >= tau (t >= 2)."
-    return _adaptive(stream, tau, True, min_samples)
+    return adaptive_vote(_pairs(stream), tau, min_samples)   # the one rule, from the sampling chapter
 
 def adaptive_sc(stream:Iterable, # (answer, confidence) pairs in draw order; confidences are ignored
                 tau:float, # stop when the leading answer holds this share of the votes
                 min_samples:int=2, # never stop before this many samples
                ) -> tuple: # (majority answer at the stop, samples used)
     "Adaptive self-consistency on counts (ASC as in the paper's repository)."
-    return _adaptive(stream, tau, False, min_samples)
+    return adaptive_vote(((a, 1.0) for a, _ in _pairs(stream)), tau, min_samples)
 
 # %% ../../nbs/31_self_calibration.ipynb #4c6474e7
 def confidence_pool(model, # the causal LM that samples
@@ -375,9 +363,18 @@ def samples_saved(curve:dict, # the method's curve
     return None if m is None or b is None else 1 - m / b
 
 # %% ../../nbs/31_self_calibration.ipynb #663eca25
-def _self_calibration_stage(state, tau:float=0.7, max_samples:int=8, temperature:float=0.8, n_test:int=500,
-                            n_problems:int=128, n_samples:int=8, steps:int=60, lr:float=6e-3, batch_size:int=32,
-                            lora_r:int=8, **_):
+def _self_calibration_stage(state, # the pipeline state (model, tokenizer, task, seed)
+                            tau:float=0.7, # adaptive SC stops once the leading answer holds this confidence share
+                            max_samples:int=8, # N: the cap on samples per test query
+                            temperature:float=0.8, # sampling temperature (training samples and test samples)
+                            n_test:int=500, # held-out test problems to answer
+                            n_problems:int=128, # training-split problems the scorer copy is calibrated on
+                            n_samples:int=8, # samples per training problem (the SSC targets' group size)
+                            steps:int=60, # calibration optimiser steps
+                            lr:float=6e-3, # calibration learning rate
+                            batch_size:int=32, # samples per calibration step
+                            lora_r:int=8, # LoRA rank of the scorer copy (0: train all weights)
+                           ):
     "Pipeline stage: calibrate a scorer copy on the model's own samples, then adaptive SC with confidence."
     import copy
     items = state.task.sample(n_problems, seed=state.seed, split="train")

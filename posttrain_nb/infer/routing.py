@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core import generate
 from ..tasks import extract_answer
-from .sampling import majority_vote
+from .sampling import majority_vote, AdaptiveVote
 from tqdm.auto import tqdm
 
 # %% auto #0
@@ -234,22 +234,23 @@ def adaptive_self_consistency(model, # a Hugging Face causal LM
     if not 1 <= min_samples <= max_samples:
         raise ValueError(f"need 1 <= min_samples <= max_samples, got {min_samples} and {max_samples}")
     if not threshold >= 0: raise ValueError(f"threshold must be >= 0, got {threshold}")
-    answers = [[] for _ in prompts]
+    votes = [AdaptiveVote(threshold, min_samples) for _ in prompts]   # the sampling chapter's stopping rule
     open_ = list(range(len(prompts)))
     for r in tqdm(range(max_samples), disable=not progress, desc="tts rounds"):
         if not open_: break
         g = generate(model, tokenizer, [prompts[i] for i in open_], max_new_tokens=max_new_tokens,
                      temperature=temperature, seed=seed + r)
-        for i, t in zip(open_, g.texts): answers[i].append(extract_answer(t))
-        def done(a):
-            if len(a) < min_samples: return False
-            votes = [x for x in a if x is not None]
-            return bool(votes) and max(votes.count(z) for z in set(votes)) / len(a) >= threshold
-        open_ = [i for i in open_ if not done(answers[i])]
-    return [majority_vote(a) for a in answers], np.array([len(a) for a in answers])
+        for i, t in zip(open_, g.texts): votes[i].add(extract_answer(t))
+        open_ = [i for i in open_ if not votes[i].done]
+    return [v.answer for v in votes], np.array([v.n for v in votes])
 
 # %% ../../nbs/35_routing.ipynb #cc5ba5fe
-def _tts_stage(state, max_samples:int=8, threshold:float=0.75, temperature:float=0.7, n_test:int=500, **_):
+def _tts_stage(state, # the pipeline state (model, tokenizer, task, seed)
+               max_samples:int=8, # N: the cap on samples per query
+               threshold:float=0.75, # tau: stop a query once its majority share reaches it
+               temperature:float=0.7, # sampling temperature
+               n_test:int=500, # held-out test problems to answer
+              ):
     "Pipeline stage: adaptive self-consistency on the current model; reports accuracy and samples per query."
     items = state.task.sample(n_test, seed=state.seed, split="test")
     answers, used = adaptive_self_consistency(state.model, state.tokenizer, [i.prompt for i in items],

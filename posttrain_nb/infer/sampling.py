@@ -6,7 +6,7 @@
 from __future__ import annotations
 import itertools, math, random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -16,8 +16,8 @@ from ..core import generate, Generation, pad_sequences, sequence_logprobs, _pad_
 from ..tasks import extract_answer, evaluate
 
 # %% auto #0
-__all__ = ['pass_at_k', 'majority_vote', 'weighted_vote', 'best_of_n', 'bon_at_k', 'majority_at_k', 'mean_logprob_scores',
-           'SamplePool', 'sample_pool', 'accuracy_vs_k']
+__all__ = ['pass_at_k', 'majority_vote', 'weighted_vote', 'AdaptiveVote', 'adaptive_vote', 'best_of_n', 'bon_at_k',
+           'majority_at_k', 'mean_logprob_scores', 'SamplePool', 'sample_pool', 'accuracy_vs_k']
 
 # %% ../../nbs/30_sampling.ipynb #de050640
 def _check_count(name, v):
@@ -65,6 +65,59 @@ def weighted_vote(answers:Sequence, # one parsed answer per sample (hashable); N
     for a, wi in zip(answers, w):
         if a is not None: totals[a] = totals.get(a, 0.0) + float(wi)
     return max(totals, key=totals.get) if totals else None
+
+# %% ../../nbs/30_sampling.ipynb #d9ebf4b6
+class AdaptiveVote:
+    "Adaptive self-consistency's stopping rule, fed one sample at a time."
+    def __init__(self,
+                 tau:float, # stop once the leading answer holds at least this share of the vote mass
+                 min_samples:int=2, # never stop before this many samples (t_min)
+                ):
+        if isinstance(tau, bool) or not isinstance(tau, (int, float, np.integer, np.floating)) or math.isnan(tau):
+            raise ValueError(f"tau must be a number, got {tau!r}")
+        if isinstance(min_samples, bool) or not isinstance(min_samples, (int, np.integer)) or min_samples < 1:
+            raise ValueError(f"min_samples must be an integer >= 1, got {min_samples!r}")
+        self.tau, self.min_samples = float(tau), int(min_samples)
+        self.answers, self.weights, self.mass, self.total = [], [], {}, 0.0
+
+    def add(self,
+            answer, # the sample's parsed answer (None = unparsable: drawn, but no vote)
+            weight:float=1.0, # its vote weight >= 0 (1 for a plain vote, a confidence for a weighted one)
+           ) -> bool: # True once the rule says stop
+        "Record one sample; return whether to stop sampling."
+        w = float(weight)
+        if not w >= 0: raise ValueError(f"sample {len(self.answers)} has weight {weight}; weights must be >= 0")
+        self.answers.append(answer); self.weights.append(w)
+        if answer is not None:
+            self.mass[answer] = self.mass.get(answer, 0.0) + w; self.total += w
+        return self.done
+
+    @property
+    def n(self) -> int:
+        "Samples drawn so far."
+        return len(self.answers)
+
+    @property
+    def done(self) -> bool:
+        "Has the leading answer reached a share tau of the parsed vote mass, after at least min_samples samples?"
+        return (self.n >= self.min_samples and self.total > 0
+                and max(self.mass.values()) >= self.tau * self.total * (1 - 1e-9))
+
+    @property
+    def answer(self):
+        "The weighted vote over the samples drawn (the plain majority vote when every weight is 1)."
+        return weighted_vote(self.answers, self.weights) if self.answers else None
+
+def adaptive_vote(stream:Iterable, # (answer, weight) pairs in draw order; its length is the budget N
+                  tau:float, # stop once the leading answer holds this share of the vote mass
+                  min_samples:int=2, # never stop before this many samples
+                 ) -> tuple: # (the vote at the stop, samples used)
+    "Run AdaptiveVote over a stream, pulling only the samples it uses."
+    v = AdaptiveVote(tau, min_samples)
+    for a, w in stream:
+        if v.add(a, w): break
+    if v.n == 0: raise ValueError("the stream is empty; draw at least one sample")
+    return v.answer, v.n
 
 # %% ../../nbs/30_sampling.ipynb #8c351b61
 def best_of_n(samples:Sequence, # the N candidates (texts, answers, anything); only their count is used
