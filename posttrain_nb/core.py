@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts', 'encode_for_training',
            'logprobs_from_logits', 'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'Generation', 'generate',
-           'save_safetensors_atomic', 'load_safetensors', 'TrainConfig', 'lr_at', 'TrainResult', 'train_loop',
-           'add_lora']
+           'check_sampling', 'sampling_probs', 'sample_token', 'save_safetensors_atomic', 'load_safetensors',
+           'TrainConfig', 'lr_at', 'TrainResult', 'train_loop', 'add_lora']
 
 # %% ../nbs/00_core.ipynb #18980478
 def set_seed(seed:int, # the seed for python, numpy and torch
@@ -233,6 +233,47 @@ def generate(model, # a Hugging Face causal LM
         model.train(was_training)
     texts = tokenizer.batch_decode(out_ids, skip_special_tokens=True)
     return Generation(texts, out_ids, rep_prompts, time.perf_counter() - t0)
+
+# %% ../nbs/00_core.ipynb #5e12e1dd
+def check_sampling(temperature:float, # τ >= 0 (0 = greedy)
+                   top_k:int=0, # >= 0 (0 = no limit)
+                   top_p:float=1.0, # in (0, 1]
+                  ) -> None:
+    "Refuse sampling settings that are not finite numbers in range (NaN, inf, bools, strings, negative values)."
+    def real(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not real(temperature) or temperature < 0: raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0: raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {top_k!r}")
+    if not real(top_p) or not 0 < top_p <= 1: raise ValueError(f"top_p must be a number in (0, 1] (1 = no limit), got {top_p!r}")
+
+def sampling_probs(logits:torch.Tensor, # [..., V] next-token logits
+                   temperature:float=1.0, # τ; 0 puts all the mass on the arg-max (greedy)
+                   top_k:int=0, # keep the k most likely tokens (0: all)
+                   top_p:float=1.0, # keep the most likely tokens until their mass reaches top_p (1: all)
+                  ) -> torch.Tensor: # [..., V] float32 probabilities
+    "The distribution a sampler draws from: softmax(z/τ) after top-k, then top-p filtering (Hugging Face's warper order)."
+    check_sampling(temperature, top_k, top_p)
+    z = logits.float()
+    if temperature == 0: return F.one_hot(z.argmax(-1), z.shape[-1]).float()
+    z = z / temperature
+    if top_k and top_k < z.shape[-1]:
+        z = z.masked_fill(z < z.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+    if top_p < 1:  # drop the least likely tokens whose total mass stays within 1 - top_p; the top token always stays
+        zs, idx = z.sort(dim=-1)
+        drop = zs.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False
+        z = z.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return z.softmax(-1)
+
+def sample_token(logits:torch.Tensor, # [..., V] next-token logits
+                 temperature:float=1.0, # τ; 0 = greedy (arg-max, no randomness used)
+                 top_k:int=0, # top-k filter (0: none)
+                 top_p:float=1.0, # nucleus filter (1: none)
+                 generator:torch.Generator|None=None, # source of the draw (on the logits' device)
+                ) -> torch.Tensor: # [...] token ids (long)
+    "One token per row: the arg-max when greedy, else a draw from `sampling_probs`."
+    if temperature == 0: check_sampling(temperature, top_k, top_p); return logits.argmax(-1)
+    p = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
 
 # %% ../nbs/00_core.ipynb #e96be79b
 def save_safetensors_atomic(tensors:dict, # name -> tensor

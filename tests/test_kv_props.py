@@ -121,6 +121,21 @@ def test_colliding_hashes_minimal_case():
     assert seqs[3].block_table[1] not in seqs[1].block_table
 
 
+@settings(max_examples=300, deadline=None)
+@given(prompts=st.lists(st.lists(st.sampled_from(COLLIDING), min_size=1, max_size=6), min_size=2, max_size=6),
+       bs=st.integers(1, 3))
+def test_hits_hold_kv_of_the_same_prefix(prompts, bs):
+    "Admit prompts one after another; every block a prompt reuses must hold KV computed for exactly its prefix."
+    bm, kv = BlockManager(64, bs), {}  # block id -> the prefix (tuple) its KV was computed for
+    for toks in prompts:
+        s = KVSequence(list(toks))
+        cached = bm.allocate(s)
+        for i, bid in enumerate(s.block_table):
+            prefix = tuple(toks[:min((i + 1) * bs, len(toks))])
+            if i * bs < cached: assert kv[bid] == prefix, f"block {bid} holds KV of {kv[bid]}, reused for {prefix}"
+            else: kv[bid] = prefix
+
+
 @given(n=st.integers(1, 40), bs=st.integers(1, 8), extra=st.lists(TOKENS, max_size=10))
 def test_same_prompt_hits_identical_blocks(n, bs, extra):
     "A second request with the same prompt (plus anything) reuses exactly the first one's full prompt blocks."
