@@ -80,12 +80,14 @@ class BlockManager:
         if b.ref_count == 0: del self.free_queue[bid]  # revive a freed but still cached block
         b.ref_count += 1
 
-    def _release(self, bid):
+    def _release(self, bid, keep_cache=True):
         b = self.blocks[bid]
         if b.ref_count <= 0: raise RuntimeError(f"block {bid} freed more often than it was referenced")
         b.ref_count -= 1
         if b.ref_count == 0:
-            if not self.enable_prefix_caching: b.block_hash, b.token_ids = None, ()
+            if not (self.enable_prefix_caching and keep_cache):  # forget the block's prefix: it cannot be hit again
+                if self.cached.get(b.block_hash) == bid: del self.cached[b.block_hash]
+                b.block_hash, b.token_ids = None, ()
             self.free_queue[bid] = None
 
     def _register(self, bid, h, tokens):
@@ -173,9 +175,11 @@ class BlockManager:
         child.block_table[:] = parent.block_table
         child.num_cached_tokens = parent.num_cached_tokens
 
-    def free(self, seq) -> None:
+    def free(self, seq, # the sequence whose blocks to release
+             keep_cache:bool=True, # False: blocks no one else holds leave the prefix cache (their KV may be unwritten)
+            ) -> None:
         "Drop the sequence's references, tail first, so its last blocks are the first to be evicted."
-        for bid in reversed(seq.block_table): self._release(bid)
+        for bid in reversed(seq.block_table): self._release(bid, keep_cache)
         seq.block_table.clear()
         seq.num_cached_tokens = 0
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core import Generation, TrainConfig, generate, pad_sequences, render_prompts, train_loop
-from .speculative import SpecStats, crop_cache, _as_batch1
+from .speculative import SpecStats, accept_greedy, check_context, crop_cache, prompt_tensor
 
 # %% auto #0
 __all__ = ['ResBlock', 'MedusaHeads', 'target_hidden', 'medusa_data', 'medusa_loss', 'train_medusa', 'head_accuracy',
@@ -124,7 +124,8 @@ def medusa_generate(target, # the target causal LM
     "Greedy decoding with Medusa chain verification; output identical to the target's greedy decoding."
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(target.parameters()).device
-    ids = _as_batch1(input_ids, device)
+    ids = prompt_tensor(input_ids, device)
+    check_context([target], ids.shape[1], max_new_tokens)
     dec, W = target.get_decoder(), target.get_output_embeddings()
     if heads.lm_weight.shape != W.weight.shape:
         raise ValueError(f"the heads were trained for a target with output matrix {tuple(heads.lm_weight.shape)}, "
@@ -150,7 +151,7 @@ def medusa_generate(target, # the target causal LM
                 cache, hs = out.past_key_values, out.last_hidden_state[0]
                 stats.target_calls += 1
                 pred = W(hs[:k]).argmax(-1)  # row i: the target's greedy token after chain[:i+1]
-                n = int((pred == guesses).long().cumprod(0).sum())
+                n = accept_greedy(guesses, pred)
                 new = chain[:n + 1].tolist()
                 stats.accepted.append(n); stats.drafted.append(k)
                 stop = eos_token_id is not None and eos_token_id in new
@@ -172,6 +173,9 @@ def medusa_decode(target, # the target causal LM
                  ) -> tuple: # (core.Generation, pooled SpecStats)
     "Medusa greedy decoding of many prompts, one at a time."
     p_ids = tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    for i, p in enumerate(p_ids):  # every prompt is checked before any is decoded
+        try: check_context([target], len(p), max_new_tokens)
+        except ValueError as e: raise ValueError(f"prompt {i}: {e}") from None
     stats, outs, t0 = SpecStats(heads.n_heads), [], time.perf_counter()
     for p in tqdm(p_ids, disable=not progress, desc="medusa"):
         ids, st = medusa_generate(target, heads, p, max_new_tokens, tokenizer.eos_token_id)
