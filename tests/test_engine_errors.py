@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain_nb.serve.engine import LLM, SamplingParams
@@ -106,8 +106,12 @@ def test_sampling_params_refuse_malformed_values(kw, msg):
         SamplingParams(**kw)
 
 
-@settings(max_examples=60, deadline=None)
-@given(t=st.floats(allow_nan=True, allow_infinity=True), p=st.floats(allow_nan=True, allow_infinity=True))
+@settings(max_examples=200, deadline=None)
+@example(t=float("nan"), p=0.5)
+@example(t=1.0, p=float("nan"))
+@example(t=float("inf"), p=1.0)
+@given(t=st.one_of(st.floats(0, 10), st.floats(allow_nan=True, allow_infinity=True)),
+       p=st.one_of(st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True)))
 def test_sampling_params_accept_exactly_the_valid_floats(t, p):
     ok = math.isfinite(t) and t >= 0 and math.isfinite(p) and 0 < p <= 1
     if ok: SamplingParams(temperature=t, top_p=p)
