@@ -15,8 +15,8 @@ from ..core import Generation, TrainConfig, generate, pad_sequences, render_prom
 from .speculative import SpecStats, accept_greedy, check_context, crop_cache, prompt_tensor
 
 # %% auto #0
-__all__ = ['ResBlock', 'MedusaHeads', 'target_hidden', 'medusa_data', 'medusa_loss', 'train_medusa', 'head_accuracy',
-           'medusa_generate', 'medusa_decode']
+__all__ = ['ResBlock', 'MedusaHeads', 'target_hidden', 'medusa_data', 'medusa_loss', 'tensor_rows', 'stack_rows', 'train_medusa',
+           'head_accuracy', 'medusa_generate', 'medusa_decode']
 
 # %% ../../nbs/47_medusa.ipynb #190c5887
 class ResBlock(nn.Module):
@@ -89,10 +89,14 @@ def medusa_loss(heads:MedusaHeads, # the heads being trained
     if not losses: raise ValueError("no response position is far enough from the end for any head; use longer completions")
     return torch.stack(losses).mean(), metrics
 
-def _rows(data):
+def tensor_rows(data:dict, # name -> tensor with one row per example
+               ) -> list: # one dict of row tensors per example
+    "Split a dict of batched tensors into examples (the training loop shuffles and batches them)."
     return [{k: v[i] for k, v in data.items()} for i in range(len(data["input_ids"]))]
 
-def _collate(rows):
+def stack_rows(rows:list, # dicts of row tensors
+              ) -> dict: # name -> stacked tensor
+    "Inverse of `tensor_rows` for a batch of examples."
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 def train_medusa(target, # the frozen target causal LM
@@ -104,7 +108,7 @@ def train_medusa(target, # the frozen target causal LM
     "Medusa-1: train only the heads on the frozen target's hidden states."
     cfg = cfg or TrainConfig(steps=250, batch_size=64, lr=1e-2, warmup_steps=20)
     heads = MedusaHeads(target, n_heads)
-    res = train_loop(heads, medusa_loss, _rows(data), cfg, collate=_collate, progress=progress, desc="medusa")
+    res = train_loop(heads, medusa_loss, tensor_rows(data), cfg, collate=stack_rows, progress=progress, desc="medusa")
     return heads.eval(), res
 
 def head_accuracy(heads:MedusaHeads, # trained heads
