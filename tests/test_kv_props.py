@@ -1,7 +1,9 @@
 """Property tests for the paged KV block manager (posttrain_nb.serve.kv_cache).
 
 A state machine drives random allocate / append / fork / free / preempt sequences against a simulated KV pool whose
-"KV" of a slot is the token id written there. After every step: no block is handed out twice, reference counts
+"KV" of a slot is the whole prefix up to and including the token written there (real KV depends on every earlier
+token, so a prefix-cache hit on a block computed after another prefix must be caught even when the block's own
+tokens match). Token ids include values whose Python hashes collide (0 and 2**61-1, -1 and -2). After every step: no block is handed out twice, reference counts
 equal the number of live block tables holding each block, free + used = total, and reading any live sequence
 through its block table gives back exactly its tokens (so prefix hits returned blocks with identical contents and
 copy-on-write never let one sequence's writes leak into another). At teardown everything is freed.
@@ -12,7 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, rule, invariant, initiali
 
 from posttrain_nb.serve.kv_cache import BlockManager, KVSequence
 
-TOKENS = st.integers(0, 2)  # a tiny vocabulary so that prefixes repeat and the cache gets hits
+COLLIDING = [0, 2**61 - 1, -1, -2]  # hash(0) == hash(2**61-1), hash(-1) == hash(-2)
+TOKENS = st.sampled_from(COLLIDING + [1])  # a tiny vocabulary so that prefixes repeat and the cache gets hits
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -25,7 +28,7 @@ class PoolMachine(RuleBasedStateMachine):
     def _write(self, seq, start):
         bs = self.bm.block_size
         for t in range(start, len(seq.token_ids)):
-            self.kv[seq.block_table[t // bs]][t % bs] = seq.token_ids[t]
+            self.kv[seq.block_table[t // bs]][t % bs] = tuple(seq.token_ids[:t + 1])  # KV depends on the whole prefix
 
     @rule(tokens=st.lists(TOKENS, min_size=1, max_size=14))
     def allocate(self, tokens):
@@ -92,7 +95,8 @@ class PoolMachine(RuleBasedStateMachine):
         # a block is handed out twice only by sharing: every holder of a block agrees on its contents
         for s in self.live:
             got = [bm_kv for t in range(len(s.token_ids)) for bm_kv in [self.kv[s.block_table[t // bm.block_size]][t % bm.block_size]]]
-            assert got == s.token_ids, "reading the sequence through its block table gives other tokens"
+            want = [tuple(s.token_ids[:t + 1]) for t in range(len(s.token_ids))]
+            assert got == want, "reading the sequence through its block table gives KV of another prefix"
         for s in self.live:
             assert bm.block_size * len(s.block_table) - len(s.token_ids) < bm.block_size  # waste < one block
 
@@ -108,11 +112,35 @@ PoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=4
 TestPool = PoolMachine.TestCase
 
 
+def test_colliding_hashes_minimal_case():
+    "Issue 13 item 9: with hash()-keyed chains, [0, 0, 0] reused the block written after 2**61-1."
+    bm = BlockManager(8, 1)
+    seqs = [KVSequence(t) for t in ([0], [2**61 - 1, 0], [0], [0, 0, 0])]
+    for s in seqs: bm.allocate(s)
+    assert seqs[3].num_cached_tokens == 1 and seqs[3].block_table[0] == seqs[2].block_table[0]
+    assert seqs[3].block_table[1] not in seqs[1].block_table
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompts=st.lists(st.lists(st.sampled_from(COLLIDING), min_size=1, max_size=6), min_size=2, max_size=6),
+       bs=st.integers(1, 3))
+def test_hits_hold_kv_of_the_same_prefix(prompts, bs):
+    "Admit prompts one after another; every block a prompt reuses must hold KV computed for exactly its prefix."
+    bm, kv = BlockManager(64, bs), {}  # block id -> the prefix (tuple) its KV was computed for
+    for toks in prompts:
+        s = KVSequence(list(toks))
+        cached = bm.allocate(s)
+        for i, bid in enumerate(s.block_table):
+            prefix = tuple(toks[:min((i + 1) * bs, len(toks))])
+            if i * bs < cached: assert kv[bid] == prefix, f"block {bid} holds KV of {kv[bid]}, reused for {prefix}"
+            else: kv[bid] = prefix
+
+
 @given(n=st.integers(1, 40), bs=st.integers(1, 8), extra=st.lists(TOKENS, max_size=10))
 def test_same_prompt_hits_identical_blocks(n, bs, extra):
     "A second request with the same prompt (plus anything) reuses exactly the first one's full prompt blocks."
     bm = BlockManager(64, bs)
-    prompt = [i % 3 for i in range(n)]
+    prompt = [COLLIDING[i % 4] for i in range(n)]
     a = KVSequence(list(prompt)); bm.allocate(a)
     b = KVSequence(prompt + extra); got = bm.allocate(b)
     k = min((n // bs), (len(prompt + extra) - 1) // bs)  # full blocks of the shared prompt, capped at len-1

@@ -3,9 +3,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from posttrain_nb.core import set_seed
+from posttrain_nb.core import set_seed, sampling_probs
+from posttrain_nb.serve import medusa, speculative
 from posttrain_nb.serve.speculative import (speculative_generate, speculative_step_probs, verify_draft,
-                                            residual_distribution, sampling_probs, crop_cache, check_pair,
+                                            residual_distribution, crop_cache, check_pair, accept_greedy,
                                             expected_tokens_per_call)
 
 V = 12
@@ -115,3 +116,44 @@ def test_bad_input(pair):
     with pytest.raises(ValueError, match="temperature"): speculative_generate(target, draft, [1], temperature=-0.5)
     with pytest.raises(ValueError, match="batch size 1"): speculative_generate(target, draft, [[1], [2]])
     with pytest.raises(ValueError, match="non-empty"): speculative_generate(target, draft, [])
+
+
+def test_context_limit_refused_like_generate(pair):
+    "Issue 13 item 10: a 250-token prompt + 40 new tokens in a 256-token context was silently decoded to 290 tokens."
+    t, d = pair
+    t.config.max_position_embeddings = d.config.max_position_embeddings = 256
+    try:
+        prompt = [i % V for i in range(250)]
+        with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+            speculative_generate(t, d, prompt, max_new_tokens=40, gamma=3)
+        with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+            speculative_generate(t, d, prompt, max_new_tokens=40, gamma=3, temperature=1.0, seed=0)
+        ids, _ = speculative_generate(t, d, prompt, max_new_tokens=6, gamma=3)  # inside the context: fine
+        assert ids.shape[1] == 256
+    finally:
+        t.config.max_position_embeddings = d.config.max_position_embeddings = 128
+
+
+class _Tok:
+    "Just enough tokenizer for the decode entry points: a prompt is its characters' codes modulo V."
+    eos_token_id = None
+    chat_template = None
+    def __call__(self, texts, add_special_tokens=False): return {"input_ids": [[ord(c) % V for c in t] for t in texts]}
+    def batch_decode(self, ids, skip_special_tokens=True): return ["".join(map(str, x)) for x in ids]
+
+
+def test_decode_entry_points_check_every_prompt_first(pair):
+    t, d = pair
+    prompts = ["abc", "x" * 120]  # the second one plus 16 new tokens does not fit in 128 positions
+    with pytest.raises(ValueError, match="prompt 1: .*exceeds the model's context of 128"):
+        speculative.speculative_decode(t, d, _Tok(), prompts, max_new_tokens=16, chat=False)
+
+
+def test_greedy_chain_acceptance_is_shared_and_stops_at_the_first_miss():
+    T = torch.tensor
+    assert medusa.accept_greedy is speculative.accept_greedy  # one rule for speculative decoding and Medusa
+    assert accept_greedy(T([5, 8, 7]), T([5, 6, 7])) == 1  # counting all matches would say 2
+    assert accept_greedy(T([5, 6, 7]), T([5, 6, 7, 1])) == 3
+    assert accept_greedy(T([9, 6]), T([5, 6])) == 0
+    n, tok = verify_draft(torch.eye(4)[[1, 2, 0, 3]], None, T([1, 3, 0]))  # target argmax rows: 1, 2, 0, 3
+    assert (n, tok) == (1, 2)

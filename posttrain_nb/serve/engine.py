@@ -4,7 +4,7 @@
 
 # %% ../../nbs/45_engine.ipynb #57d10fcf
 from __future__ import annotations
-import math, time, itertools
+import math, numbers, time, itertools
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core import render_prompts, _encode
+from ..core import render_prompts, _encode, check_sampling, sample_token
 from .kv_cache import BlockManager, KVSequence
 from .kernels import paged_attention, paged_prefill_attention
 
@@ -22,6 +22,8 @@ __all__ = ['SUPPORTED_MODEL_TYPES', 'SamplingParams', 'RequestMetrics', 'Request
            'sample_next', 'LLM']
 
 # %% ../../nbs/45_engine.ipynb #f0e6a96e
+def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
 @dataclass
 class SamplingParams:
     "How to decode one request (vLLM's names)."
@@ -35,11 +37,15 @@ class SamplingParams:
     n:int = 1 # samples per prompt (parallel sampling shares the prompt's KV blocks)
 
     def __post_init__(self):
-        if self.temperature < 0: raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0: raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1: raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1: raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.n < 1: raise ValueError(f"n must be >= 1, got {self.n}")
+        check_sampling(self.temperature, self.top_k, self.top_p)  # finite numbers in range: no NaN, inf or bools
+        for name in ("max_tokens", "n"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1: raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.seed is not None and not _is_int(self.seed): raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool): raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.stop_token_ids is not None and (isinstance(self.stop_token_ids, (str, bytes)) or
+                                                not all(_is_int(t) for t in self.stop_token_ids)):
+            raise ValueError(f"stop_token_ids must be a list of integer token ids or None, got {self.stop_token_ids!r}")
         if self.n > 1 and self.temperature == 0:
             raise ValueError("n > 1 with temperature=0 gives n identical samples; set temperature > 0")
 
@@ -147,6 +153,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def abort(self, seq:Sequence):
+        "Take a sequence out of the queues wherever it is (its blocks are the caller's to free)."
+        for q in (self.waiting, self.running):
+            if seq in q: q.remove(seq)
+        seq.status = "finished"
+
     def finish(self, seq:Sequence):
         "Remove a finished sequence and free its blocks (they stay in the prefix cache)."
         self.running.remove(seq)
@@ -247,8 +259,8 @@ class ModelRunner:
             k_cache.view(self.H_kv, -1, self.D).index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
             v_cache.view(self.H_kv, -1, self.D).index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
             if T == 1:
-                o = paged_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale,
-                                    backend=self.attn_backend, kv_layout="HND")
+                o = paged_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale,  # tables checked by LLM
+                                    backend=self.attn_backend, kv_layout="HND", validate=False)
             elif fresh:  # plain causal SDPA on the padded batch (right padding: real queries never see pad keys)
                 qp, kp, vp = q.new_zeros(B, T, self.H, self.D), k.new_zeros(B, T, self.H_kv, self.D), v.new_zeros(B, T, self.H_kv, self.D)
                 qp[valid], kp[valid], vp[valid] = q, k, v
@@ -258,7 +270,7 @@ class ModelRunner:
                 qp = q.new_zeros(B, T, self.H, self.D)
                 qp[valid] = q
                 o = paged_prefill_attention(qp, positions, k_cache, v_cache, block_tables, context_lens, self.scale,
-                                            kv_layout="HND")[valid]
+                                            kv_layout="HND", validate=False)[valid]
             h = h + attn.o_proj(o.reshape(N, self.H * self.D))
             x = layer.post_attention_layernorm(h)
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
@@ -269,19 +281,11 @@ class ModelRunner:
 def sample_next(logits:torch.Tensor, # [B, V] next-token logits
                 seqs:list, # the B sequences (their params and generators)
                ) -> list: # B token ids
-    "Next token of each sequence: arg-max for greedy ones, a seeded draw for the others."
+    "Next token of each sequence: arg-max for greedy ones, a seeded draw from core's sampler for the others."
     out = logits.argmax(-1).tolist()
     for i, s in enumerate(seqs):
         p = s.params
-        if p.temperature == 0: continue
-        lg = logits[i] / p.temperature
-        if p.top_k: lg = lg.masked_fill(lg < torch.topk(lg, min(p.top_k, lg.numel())).values[-1], float("-inf"))
-        probs = torch.softmax(lg, -1)
-        if p.top_p < 1:
-            sp, idx = probs.sort(descending=True)
-            drop = sp.cumsum(-1) - sp >= p.top_p  # tokens entirely past the nucleus
-            probs = probs.scatter(0, idx, sp.masked_fill(drop, 0.0))
-        out[i] = int(torch.multinomial(probs.cpu(), 1, generator=s.generator))
+        if p.temperature > 0: out[i] = int(sample_token(logits[i].cpu(), p.temperature, p.top_k, p.top_p, s.generator))
     return out
 
 # %% ../../nbs/45_engine.ipynb #8cf904bd
@@ -299,15 +303,25 @@ class LLM:
                  enable_prefix_caching:bool=True, # reuse the KV of full prompt blocks seen before
                  attn_backend:str="auto", # decode attention: 'auto', 'torch' or 'triton'
                  draft_model=None, # speculative decoding proposer (hook for serve.speculative)
+                 download:bool=False, # when `model` is a Hub repo id that is not on disk, fetch it (off: nothing touches the network)
                 ):
         if draft_model is not None:
             raise NotImplementedError("speculative decoding is not part of this engine; posttrain_nb.serve.speculative "
                                       "fills in the draft_model= hook")
+        for name, v in (("block_size", block_size), ("num_blocks", num_blocks), ("kv_cache_memory", kv_cache_memory),
+                        ("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                        ("max_model_len", max_model_len)):
+            if v is not None and (not _is_int(v) or v < 1): raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if isinstance(model, (str, Path)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLM.from_pretrained(model)
-        if max_num_seqs < 1: raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+            try:
+                tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, local_files_only=not download)
+                model = AutoModelForCausalLM.from_pretrained(model, local_files_only=not download)
+            except OSError as e:
+                if download: raise
+                raise ValueError(f"{str(model)!r} is not a model folder on disk (nor in the local Hugging Face cache). The engine "
+                                 "does not download unless asked: pass a local folder, or LLM(..., download=True) to fetch "
+                                 "it from the Hub") from e
         cfg = model.config
         self.tokenizer, self.block_size = tokenizer, block_size
         self.max_model_len = max_model_len or cfg.max_position_embeddings
@@ -320,12 +334,24 @@ class LLM:
         self.runner = ModelRunner(model, num_blocks, block_size, self.max_model_len, attn_backend)
         eos = tokenizer.eos_token_id if tokenizer is not None else cfg.eos_token_id
         self.eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self._finished, self.num_steps = {}, 0
+        self.vocab_size = self.runner.embed.num_embeddings
+        self._finished, self._seqs, self.num_steps = {}, [], 0
 
     # -- requests --------------------------------------------------------------------------------------------
     def _error_output(self, rid, prompt, ids, msg, metrics):
         metrics.finish_time = time.perf_counter()
         return RequestOutput(rid, prompt, list(ids), "", [], "error", metrics, error=msg)
+
+    def _check_prompt(self, ids) -> str|None:
+        "Why these prompt ids cannot be served, or None."
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+            return f"a prompt must be a string or a list of token ids, got {type(ids).__name__}"
+        if len(ids) == 0: return "empty prompt; give at least one token"
+        bad = next((t for t in ids if not _is_int(t)), None)
+        if bad is not None: return f"token ids must be integers, got {bad!r} ({type(bad).__name__})"
+        out = next((int(t) for t in ids if not 0 <= t < self.vocab_size), None)
+        if out is not None: return f"token id {out} is outside the model's vocabulary [0, {self.vocab_size})"
+        return None
 
     def add_request(self,
                     request_id:int, # the caller's id (the index in generate)
@@ -333,31 +359,65 @@ class LLM:
                     params:SamplingParams, # how to decode it
                     prompt:str|None=None, # the text, kept for the output
                    ) -> None:
-        "Queue a request; a request that can never be served finishes at once with an error."
-        m = RequestMetrics(time.perf_counter(), num_prompt_tokens=len(prompt_token_ids))
-        n = len(prompt_token_ids)
-        need = self.block_manager.blocks_needed(min(n + params.max_tokens, self.max_model_len))
-        err = None
-        if n == 0: err = "empty prompt; give at least one token"
-        elif n >= self.max_model_len:
-            err = (f"prompt has {n} tokens but max_model_len is {self.max_model_len} (prompt + at least one output "
-                   "token); shorten the prompt or raise max_model_len")
-        elif need > self.block_manager.num_blocks:
-            err = (f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}; raise num_blocks "
-                   "/ kv_cache_memory or lower max_tokens")
+        "Queue a request; a request that is malformed or can never be served finishes at once with an error."
+        m = RequestMetrics(time.perf_counter())
+        if isinstance(prompt_token_ids, torch.Tensor) and prompt_token_ids.dim() == 1: prompt_token_ids = prompt_token_ids.tolist()
+        err = self._check_prompt(prompt_token_ids)
+        if err is None and not isinstance(params, SamplingParams):
+            err = f"params must be a SamplingParams, got {type(params).__name__}"
+        if err is None:
+            prompt_token_ids = [int(t) for t in prompt_token_ids]
+            n = m.num_prompt_tokens = len(prompt_token_ids)
+            need = self.block_manager.blocks_needed(min(n + params.max_tokens, self.max_model_len))
+            if n >= self.max_model_len:
+                err = (f"prompt has {n} tokens but max_model_len is {self.max_model_len} (prompt + at least one output "
+                       "token); shorten the prompt or raise max_model_len")
+            elif need > self.block_manager.num_blocks:
+                err = (f"request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}; raise num_blocks "
+                       "/ kv_cache_memory or lower max_tokens")
         if err:
-            self._finished[request_id] = self._error_output(request_id, prompt, prompt_token_ids, err, m)
+            ids = list(prompt_token_ids) if isinstance(prompt_token_ids, (list, tuple)) else []
+            self._finished[request_id] = self._error_output(request_id, prompt, ids, err, m)
             return
         self._finished[request_id] = [None] * params.n
         seq = Sequence(request_id, prompt_token_ids, params, m, prompt)
         seq.pending_forks = params.n - 1  # the other samples are forked after the prompt's one prefill
+        self._seqs.append(seq)
         self.scheduler.add(seq)
+
+    def _release(self, seq):
+        "Take `seq` out of the scheduler and free its blocks, forgetting their prefix-cache entries (their KV may be half written)."
+        self.scheduler.abort(seq)
+        if seq.block_table: self.block_manager.free(seq, keep_cache=False)
+
+    def _fail_requests(self, request_ids:set, msg:str):
+        "Finish every sequence of these requests with an error output; free all their blocks."
+        for s in [s for s in self._seqs if s.request_id in request_ids]:
+            self._release(s)
+            out = self._finished.get(s.request_id)
+            if not isinstance(out, RequestOutput) or out.ok:
+                self._finished[s.request_id] = self._error_output(s.request_id, s.prompt, s.token_ids[:s.num_prompt_tokens],
+                                                                  msg, s.metrics)
+        self._seqs = [s for s in self._seqs if s.request_id not in request_ids]
+
+    def abort_all(self) -> None:
+        "Drop every unfinished request and free all KV blocks (after an interrupt): the engine is ready for the next call."
+        for s in self._seqs: self._release(s)
+        self._seqs, self._finished = [], {}
+        self.scheduler.waiting.clear(); self.scheduler.running.clear()
+        bm = self.block_manager
+        if bm.num_free_blocks != bm.num_blocks:  # a sequence lost between two queues: start the pool afresh
+            self.block_manager = self.scheduler.bm = BlockManager(bm.num_blocks, bm.block_size, bm.enable_prefix_caching)
 
     def has_unfinished(self) -> bool: return self.scheduler.has_unfinished()
 
     # -- one step --------------------------------------------------------------------------------------------
     def _batch_tensors(self, seqs, is_prefill):
-        bs, dev = self.block_size, self.runner.device
+        bs, dev, pool = self.block_size, self.runner.device, self.block_manager.num_blocks
+        for s in seqs:  # the kernels trust these tables (validate=False): check them here, on Python lists
+            if len(s.block_table) < -(-len(s) // bs) or not all(0 <= b < pool for b in s.block_table):
+                raise RuntimeError(f"request {s.request_id}: block table {s.block_table} does not hold its {len(s)} tokens "
+                                   f"in a pool of {pool} blocks")
         if is_prefill:
             starts = [s.num_cached_tokens for s in seqs]
             T = max(len(s) - st for s, st in zip(seqs, starts))
@@ -383,18 +443,23 @@ class LLM:
             if self.has_unfinished():  # cannot happen while add_request checks that each request fits the pool
                 raise RuntimeError("the scheduler could not run any waiting request; the KV pool is too small")
             return []
-        if copies: self.runner.copy_blocks(copies)
-        logits = self.runner.forward(*self._batch_tensors(seqs, is_prefill))
+        try:
+            if copies: self.runner.copy_blocks(copies)
+            logits = self.runner.forward(*self._batch_tensors(seqs, is_prefill))
+            pairs = list(zip(seqs, sample_next(logits, seqs)))
+            for row, s in enumerate(seqs if is_prefill else []):
+                for j in range(1, s.pending_forks + 1):  # parallel sampling: share the prompt's blocks, copy on write
+                    child = Sequence(s.request_id, s.token_ids, s.params, s.metrics, s.prompt, sample_index=j)
+                    self.block_manager.fork(s, child)
+                    child.status = "running"
+                    self.scheduler.running.append(child); self._seqs.append(child)
+                    pairs.append((child, sample_next(logits[row:row + 1], [child])[0]))
+                s.pending_forks = 0
+        except Exception as e:  # this step's requests fail alone; their blocks go back to the pool
+            self._fail_requests({s.request_id for s in seqs}, f"failed in an engine step: {type(e).__name__}: {e}")
+            self.num_steps += 1
+            return []
         now, done = time.perf_counter(), []
-        pairs = list(zip(seqs, sample_next(logits, seqs)))
-        for row, s in enumerate(seqs if is_prefill else []):
-            for j in range(1, s.pending_forks + 1):  # parallel sampling: share the prompt's blocks, copy on write
-                child = Sequence(s.request_id, s.token_ids, s.params, s.metrics, s.prompt, sample_index=j)
-                self.block_manager.fork(s, child)
-                child.status = "running"
-                self.scheduler.running.append(child)
-                pairs.append((child, sample_next(logits[row:row + 1], [child])[0]))
-            s.pending_forks = 0
         for s, tok in pairs:
             s.token_ids.append(tok)
             m = s.metrics
@@ -405,7 +470,7 @@ class LLM:
             if tok in stop: s.finish_reason = "stop"
             elif s.num_output_tokens >= p.max_tokens or len(s) >= self.max_model_len: s.finish_reason = "length"
             if s.finish_reason:
-                self.scheduler.finish(s); done.append(s)
+                self.scheduler.finish(s); done.append(s); self._seqs.remove(s)
         self.num_steps += 1
         return done
 
@@ -437,34 +502,42 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts): raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         texts = [p if isinstance(p, str) else None for p in prompts]
-        if any(t is not None for t in texts):
-            if self.tokenizer is None: raise ValueError("string prompts need a tokenizer; pass tokenizer= or token ids")
         enc = {}
-        str_idx = [i for i, t in enumerate(texts) if t is not None]
+        str_idx = [i for i, t in enumerate(texts) if t is not None] if self.tokenizer is not None else []
         if str_idx:
             rendered = render_prompts(self.tokenizer, [texts[i] for i in str_idx], chat) if chat else [texts[i] for i in str_idx]
             ids = (_encode(self.tokenizer, rendered) if chat else
                    self.tokenizer(rendered, add_special_tokens=True)["input_ids"])
             enc = dict(zip(str_idx, ids))
+        if self.has_unfinished():
+            raise RuntimeError("requests queued with add_request are unfinished; step() them to completion or call "
+                               "abort_all() before generate")
         self._finished = {}
-        for i, (p, sp) in enumerate(zip(prompts, plist)):
-            self.add_request(i, enc[i] if i in enc else list(p), sp, texts[i])
-        bar = tqdm(total=len(prompts), disable=not use_tqdm, desc="generate")
-        bar.update(sum(isinstance(v, RequestOutput) for v in self._finished.values()))
-        while self.has_unfinished():
-            for s in self.step():
-                self._collect(s)
-                if isinstance(self._finished[s.request_id], RequestOutput): bar.update(1)
-        bar.close()
-        return [self._finished[i] for i in range(len(prompts))]
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, plist)):
+                if texts[i] is not None and i not in enc:
+                    self._finished[i] = self._error_output(i, p, [], "string prompts need a tokenizer; pass tokenizer= or "
+                                                           "token ids", RequestMetrics(time.perf_counter()))
+                else: self.add_request(i, enc[i] if i in enc else p, sp, texts[i])
+            with tqdm(total=len(prompts), disable=not use_tqdm, desc="generate") as bar:
+                bar.update(sum(isinstance(v, RequestOutput) for v in self._finished.values()))
+                while self.has_unfinished():
+                    before = sum(isinstance(v, RequestOutput) for v in self._finished.values())
+                    for s in self.step(): self._collect(s)
+                    bar.update(sum(isinstance(v, RequestOutput) for v in self._finished.values()) - before)
+            return [self._finished[i] for i in range(len(prompts))]
+        except BaseException:  # an interrupt or a bug outside a step: leave a clean engine behind
+            self.abort_all()
+            raise
 
 # %% ../../nbs/45_engine.ipynb #b0cdea79
-def _serve_stage(state, n_test:int=500, max_tokens:int=48, max_num_seqs:int=256, quantize:str|None="nvfp4", **_):
+def _serve_stage(state, n_test:int=500, max_tokens:int=48, max_num_seqs:int=256, quantize:str|None="nvfp4"):
     "Pipeline stage: quantize state.model to FP4 (unless quantize=None or it already is) and serve it with the paged engine."
     from posttrain_nb.tasks import is_correct
-    from posttrain_nb.serve.fp4_kernel import FP4Linear, quantize_model
-    if quantize and not any(isinstance(m, FP4Linear) for m in state.model.modules()):
-        state.model = quantize_model(state.model, fmt=quantize, inplace=True)
+    from posttrain_nb.serve.fp4_kernel import is_fp4
+    from posttrain_nb.serve.quantize import quantize_model
+    if quantize and not any(is_fp4(m) for m in state.model.modules()):
+        state.model = quantize_model(state.model, fmt=quantize, packed=True, inplace=True)
     items = state.task.sample(n_test, seed=state.seed, split="test")
     llm = LLM(state.model, state.tokenizer, max_num_seqs=max_num_seqs)
     t0 = time.perf_counter()

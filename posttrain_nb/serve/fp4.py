@@ -48,6 +48,9 @@ def pack_nibbles(codes:torch.Tensor, # uint8 codes 0..15, last dim even
     "Pack pairs of 4-bit codes along the last dim, the even element in the low nibble."
     if codes.dtype != torch.uint8: raise ValueError(f"pack_nibbles expects uint8 codes, got {codes.dtype}")
     if codes.shape[-1] % 2: raise ValueError(f"the last dim ({codes.shape[-1]}) must be even to pack two codes a byte")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"codes must be 4-bit (0..15), got a maximum of {int(codes.max())}; a larger code would spill "
+                         "into its neighbour's nibble")
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 def unpack_nibbles(packed:torch.Tensor, # uint8 bytes
@@ -63,6 +66,12 @@ def _check_weight(w, block_size, fmt):
                                      "reshape it (e.g. w.reshape(-1, w.shape[-1]))")
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{fmt}: unsupported dtype {w.dtype}; pass float32, bfloat16 or float16 (w.float())")
+    if w.numel() == 0: raise ValueError(f"{fmt}: the weight is empty (shape {tuple(w.shape)}); there is nothing to quantize")
+    if not bool(torch.isfinite(w).all()):
+        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+        raise ValueError(f"{fmt}: the weight has {int((~torch.isfinite(w)).sum())} non-finite values (NaN or inf), the first "
+                         f"at {bad}; one would turn its whole block (NVFP4: the whole tensor) into NaN or zeros. Repair "
+                         "the checkpoint, or leave this layer unquantized")
     if block_size and w.shape[1] % block_size:
         raise ValueError(f"{fmt}: K={w.shape[1]} is not a multiple of the block size {block_size}; "
                          f"pad K to a multiple of {block_size} or leave this layer in high precision")
@@ -134,6 +143,8 @@ def quantize_nvfp4(w:torch.Tensor, # weight [N, K], K a multiple of 16
     w = _check_weight(w, NVFP4_BLOCK, "quantize_nvfp4")
     N, K = w.shape
     g = nvfp4_global_scale(w) if global_scale is None else torch.as_tensor(global_scale, dtype=torch.float32)
+    if global_scale is not None and (g.numel() != 1 or not (bool(torch.isfinite(g).all()) and g.item() > 0)):
+        raise ValueError(f"global_scale must be one finite number > 0 (the dequantization multiplier amax/(448*6)), got {global_scale!r}")
     if g.item() == 0: g = torch.tensor(1.0)  # all-zero weight: any positive g encodes it (torchao would emit NaN)
     blocks = w.view(N, K // NVFP4_BLOCK, NVFP4_BLOCK)
     s8 = _nvfp4_block_scales(blocks, g)

@@ -20,8 +20,8 @@ except ImportError:  # triton is an optional dependency; the torch path still wo
     HAS_TRITON = False
 
 # %% auto #0
-__all__ = ['KV_LAYOUTS', 'cache_dims', 'gather_kv', 'paged_attention_torch', 'paged_prefill_attention', 'paged_attention_triton',
-           'paged_attention']
+__all__ = ['KV_LAYOUTS', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_torch', 'paged_prefill_attention',
+           'paged_attention_triton', 'paged_attention']
 
 # %% ../../nbs/44_paged_attention.ipynb #06eb4dcf
 try:  # the FP4 weight-only matmul lives in its own chapter; re-export it when that chapter is installed
@@ -69,15 +69,30 @@ def _check_paged_args(q, k_cache, v_cache, block_tables, context_lens, scale, kv
                          f"{context_lens.tolist()}")
     if not isinstance(scale, (int, float)): raise ValueError(f"scale must be a Python float, got {type(scale).__name__}")
 
+def check_block_tables(block_tables:torch.Tensor, # [B, max_blocks] int
+                       context_lens:torch.Tensor, # [B] tokens of context per sequence
+                       num_blocks:int, # blocks in the pool
+                       block_size:int, # tokens per block
+                      ) -> None:
+    "Raise if an entry a sequence reads (j < ceil(L/b)) is not a block of the pool: -1 padding inside the context, or an id past the pool."
+    n = (context_lens.long() + block_size - 1) // block_size
+    read = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < n[:, None]
+    bad = read & ((block_tables < 0) | (block_tables >= num_blocks))
+    if bool(bad.any()):
+        s, j = bad.nonzero()[0].tolist()
+        raise ValueError(f"block_tables[{s}, {j}] = {int(block_tables[s, j])} lies inside sequence {s}'s context "
+                         f"({int(context_lens[s])} tokens) but is not a block of the pool [0, {num_blocks}); the "
+                         "table or context_lens is wrong (padding such as -1 may only follow the last block read)")
+
 # %% ../../nbs/44_paged_attention.ipynb #34060540
 def gather_kv(cache:torch.Tensor, # a K or V cache in `kv_layout`
               block_tables:torch.Tensor, # [B, max_blocks] int
               n_blocks:int, # how many leading table entries to gather
               kv_layout:str="NHD", # the cache layout
              ) -> torch.Tensor: # [H_kv, B, n_blocks * block_size, D]
-    "Copy each sequence's first `n_blocks` blocks into a dense, KV-head-major tensor (unused entries read block 0)."
+    "Copy each sequence's first `n_blocks` blocks into a dense, KV-head-major tensor (entries past a context, masked later, are clamped into the pool)."
     NB, bs, H_kv, D = cache_dims(cache, kv_layout)
-    bt = block_tables[:, :n_blocks].long().clamp(min=0)
+    bt = block_tables[:, :n_blocks].long().clamp(0, NB - 1)
     B, flat = bt.shape[0], bt.reshape(-1)
     # index_select is several times faster than advanced indexing (cache[:, bt]) on a CPU
     if kv_layout == "HND": return cache.index_select(1, flat).view(H_kv, B, n_blocks * bs, D)  # already in order
@@ -118,9 +133,11 @@ def paged_prefill_attention(q:torch.Tensor, # [B, Tq, H, D] queries (padded rows
                             context_lens:torch.Tensor, # [B] tokens of context per sequence after this step
                             scale:float, # softmax scale
                             kv_layout:str="NHD", # 'NHD' or 'HND'
+                            validate:bool=True, # check the block tables (False: the caller already has)
                            ) -> torch.Tensor: # [B, Tq, H, D]
     "Causal attention of several new tokens per sequence over its paged context (cached prefix + new tokens)."
-    bs = cache_dims(k_cache, kv_layout)[1]
+    NB, bs = cache_dims(k_cache, kv_layout)[:2]
+    if validate: check_block_tables(block_tables, context_lens, NB, bs)
     n = math.ceil(int(context_lens.max()) / bs)
     k, v = gather_kv(k_cache, block_tables, n, kv_layout), gather_kv(v_cache, block_tables, n, kv_layout)
     t = torch.arange(n * bs, device=q.device)
@@ -191,10 +208,12 @@ def paged_attention(q:torch.Tensor, # [B, H, D] one query token per sequence
                     scale:float|None=None, # softmax scale; None for head_dim ** -0.5
                     backend:str="auto", # 'auto', 'triton' or 'torch'
                     kv_layout:str="NHD", # cache layout, 'NHD' (vLLM) or 'HND' (KV-head major)
+                    validate:bool=True, # check that every table entry a sequence reads is a block of the pool
                    ) -> torch.Tensor: # [B, H, D] attention output
     "Decode attention through block tables: each sequence's one query attends to its paged K/V."
     if scale is None: scale = q.shape[-1] ** -0.5
     _check_paged_args(q, k_cache, v_cache, block_tables, context_lens, scale, kv_layout)
+    if validate: check_block_tables(block_tables, context_lens, *cache_dims(k_cache, kv_layout)[:2])
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto": backend = "triton" if (HAS_TRITON and q.is_cuda) else "torch"

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/43_paged_kv.ipynb #84d6fe55
 from __future__ import annotations
-import math
+import hashlib, math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -26,15 +26,17 @@ class KVBlock:
     "One physical block of the KV pool."
     block_id: int # index into the pool
     ref_count: int = 0 # how many block tables hold it
-    block_hash: int|None = None # chained hash of its prefix when it is full and cached
+    block_hash: bytes|None = None # SHA-256 of its whole prefix when it is full and cached
     token_ids: tuple = () # the tokens it holds (to confirm a hash hit)
 
 # %% ../../nbs/43_paged_kv.ipynb #083786c8
-def chain_hash(parent:int|None, # hash of the previous block (None for the first block)
+def chain_hash(parent:bytes|None, # digest of the previous block (None for the first block)
                tokens:tuple, # token ids of this full block
-              ) -> int: # hash identifying the whole prefix up to and including this block
-    "vLLM-style block hash: hash of (parent hash, block tokens)."
-    return hash((parent, tuple(tokens)))
+              ) -> bytes: # SHA-256 digest identifying the whole prefix up to and including this block
+    "Chained block key, SHA-256 of (parent digest, block tokens). Python's hash() collides (hash(-1) == hash(-2))."
+    h = hashlib.sha256(b"\x01" + parent if parent is not None else b"\x00")
+    h.update(",".join(str(int(t)) for t in tokens).encode())
+    return h.digest()
 
 class BlockManager:
     "Hands out KV blocks to sequences: allocate, append a slot, fork, free; reference counts; prefix caching."
@@ -78,12 +80,14 @@ class BlockManager:
         if b.ref_count == 0: del self.free_queue[bid]  # revive a freed but still cached block
         b.ref_count += 1
 
-    def _release(self, bid):
+    def _release(self, bid, keep_cache=True):
         b = self.blocks[bid]
         if b.ref_count <= 0: raise RuntimeError(f"block {bid} freed more often than it was referenced")
         b.ref_count -= 1
         if b.ref_count == 0:
-            if not self.enable_prefix_caching: b.block_hash, b.token_ids = None, ()
+            if not (self.enable_prefix_caching and keep_cache):  # forget the block's prefix: it cannot be hit again
+                if self.cached.get(b.block_hash) == bid: del self.cached[b.block_hash]
+                b.block_hash, b.token_ids = None, ()
             self.free_queue[bid] = None
 
     def _register(self, bid, h, tokens):
@@ -171,9 +175,11 @@ class BlockManager:
         child.block_table[:] = parent.block_table
         child.num_cached_tokens = parent.num_cached_tokens
 
-    def free(self, seq) -> None:
+    def free(self, seq, # the sequence whose blocks to release
+             keep_cache:bool=True, # False: blocks no one else holds leave the prefix cache (their KV may be unwritten)
+            ) -> None:
         "Drop the sequence's references, tail first, so its last blocks are the first to be evicted."
-        for bid in reversed(seq.block_table): self._release(bid)
+        for bid in reversed(seq.block_table): self._release(bid, keep_cache)
         seq.block_table.clear()
         seq.num_cached_tokens = 0
 

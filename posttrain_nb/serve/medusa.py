@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core import Generation, TrainConfig, generate, pad_sequences, render_prompts, train_loop
-from .speculative import SpecStats, crop_cache, _as_batch1
+from .speculative import SpecStats, accept_greedy, check_context, crop_cache, prompt_tensor
 
 # %% auto #0
-__all__ = ['ResBlock', 'MedusaHeads', 'target_hidden', 'medusa_data', 'medusa_loss', 'train_medusa', 'head_accuracy',
-           'medusa_generate', 'medusa_decode']
+__all__ = ['ResBlock', 'MedusaHeads', 'target_hidden', 'medusa_data', 'medusa_loss', 'tensor_rows', 'stack_rows', 'train_medusa',
+           'head_accuracy', 'medusa_generate', 'medusa_decode']
 
 # %% ../../nbs/47_medusa.ipynb #190c5887
 class ResBlock(nn.Module):
@@ -89,10 +89,14 @@ def medusa_loss(heads:MedusaHeads, # the heads being trained
     if not losses: raise ValueError("no response position is far enough from the end for any head; use longer completions")
     return torch.stack(losses).mean(), metrics
 
-def _rows(data):
+def tensor_rows(data:dict, # name -> tensor with one row per example
+               ) -> list: # one dict of row tensors per example
+    "Split a dict of batched tensors into examples (the training loop shuffles and batches them)."
     return [{k: v[i] for k, v in data.items()} for i in range(len(data["input_ids"]))]
 
-def _collate(rows):
+def stack_rows(rows:list, # dicts of row tensors
+              ) -> dict: # name -> stacked tensor
+    "Inverse of `tensor_rows` for a batch of examples."
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 def train_medusa(target, # the frozen target causal LM
@@ -104,7 +108,7 @@ def train_medusa(target, # the frozen target causal LM
     "Medusa-1: train only the heads on the frozen target's hidden states."
     cfg = cfg or TrainConfig(steps=250, batch_size=64, lr=1e-2, warmup_steps=20)
     heads = MedusaHeads(target, n_heads)
-    res = train_loop(heads, medusa_loss, _rows(data), cfg, collate=_collate, progress=progress, desc="medusa")
+    res = train_loop(heads, medusa_loss, tensor_rows(data), cfg, collate=stack_rows, progress=progress, desc="medusa")
     return heads.eval(), res
 
 def head_accuracy(heads:MedusaHeads, # trained heads
@@ -124,7 +128,8 @@ def medusa_generate(target, # the target causal LM
     "Greedy decoding with Medusa chain verification; output identical to the target's greedy decoding."
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(target.parameters()).device
-    ids = _as_batch1(input_ids, device)
+    ids = prompt_tensor(input_ids, device)
+    check_context([target], ids.shape[1], max_new_tokens)
     dec, W = target.get_decoder(), target.get_output_embeddings()
     if heads.lm_weight.shape != W.weight.shape:
         raise ValueError(f"the heads were trained for a target with output matrix {tuple(heads.lm_weight.shape)}, "
@@ -150,7 +155,7 @@ def medusa_generate(target, # the target causal LM
                 cache, hs = out.past_key_values, out.last_hidden_state[0]
                 stats.target_calls += 1
                 pred = W(hs[:k]).argmax(-1)  # row i: the target's greedy token after chain[:i+1]
-                n = int((pred == guesses).long().cumprod(0).sum())
+                n = accept_greedy(guesses, pred)
                 new = chain[:n + 1].tolist()
                 stats.accepted.append(n); stats.drafted.append(k)
                 stop = eos_token_id is not None and eos_token_id in new
@@ -172,6 +177,9 @@ def medusa_decode(target, # the target causal LM
                  ) -> tuple: # (core.Generation, pooled SpecStats)
     "Medusa greedy decoding of many prompts, one at a time."
     p_ids = tokenizer(render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    for i, p in enumerate(p_ids):  # every prompt is checked before any is decoded
+        try: check_context([target], len(p), max_new_tokens)
+        except ValueError as e: raise ValueError(f"prompt {i}: {e}") from None
     stats, outs, t0 = SpecStats(heads.n_heads), [], time.perf_counter()
     for p in tqdm(p_ids, disable=not progress, desc="medusa"):
         ids, st = medusa_generate(target, heads, p, max_new_tokens, tokenizer.eos_token_id)

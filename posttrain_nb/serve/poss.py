@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import TrainConfig, train_loop
-from .medusa import _rows, _collate
+from .medusa import tensor_rows, stack_rows
 
 # %% auto #0
 __all__ = ['specialist_index', 'DraftBlock', 'FeatureDraft', 'feature_draft_loss', 'response_windows', 'train_feature_draft',
@@ -113,7 +113,7 @@ def train_feature_draft(target, # the frozen target
     "Train a single-layer (group=None) or PosS-n (group=n) feature drafter on the frozen target's features."
     cfg = cfg or TrainConfig(steps=200, batch_size=32, lr=3e-3, warmup_steps=20)
     draft = FeatureDraft(target, depth, group)
-    res = train_loop(draft, feature_draft_loss, _rows(response_windows(data)), cfg, collate=_collate, progress=progress,
+    res = train_loop(draft, feature_draft_loss, tensor_rows(response_windows(data)), cfg, collate=stack_rows, progress=progress,
                      desc=f"draft n={draft.group}")
     return draft.eval(), res
 

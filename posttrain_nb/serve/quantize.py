@@ -4,7 +4,7 @@
 
 # %% ../../nbs/41_quantize.ipynb #87c2e249
 from __future__ import annotations
-import copy, math
+import copy, math, warnings
 
 import torch
 from torch import nn
@@ -227,8 +227,43 @@ class W8A8Linear(nn.Module):
 # %% ../../nbs/41_quantize.ipynb #94120a3f
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8")  # methods known to quantize_model
 
-def _targets(model, skip):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(s in n for s in skip)]
+def _set_module(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+def _is_conv1d(m):
+    "transformers' Conv1D (GPT-2 and relatives): a linear layer that stores its weight as [in, out]."
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None and m.weight.ndim == 2
+
+def _as_linear(conv) -> nn.Linear:
+    "The nn.Linear computing exactly what a Conv1D computes (x @ W + b with W [in, out])."
+    lin = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.T)
+        if conv.bias is not None: lin.bias.copy_(conv.bias)
+    return lin
+
+def _targets(model, skip, group_size=None):
+    "(name, module) of the linears to quantize; Conv1D layers are swapped for the equivalent nn.Linear first."
+    for n, m in list(model.named_modules()):
+        if _is_conv1d(m) and not any(s in n for s in skip): _set_module(model, n, _as_linear(m))
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(s in n for s in skip)]
+    if not found:
+        kinds = sorted({type(m).__name__ for m in model.modules() if getattr(m, "weight", None) is not None})
+        raise ValueError(f"no linear layer to quantize (nn.Linear or transformers Conv1D, names not matching skip={skip}); "
+                         f"the model's modules with weights are: {', '.join(kinds)}")
+    for n, m in found:
+        w = m.weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"layer {n!r} has {int((~torch.isfinite(w)).sum())} non-finite weights (NaN or inf); quantizing "
+                             "it would turn whole blocks (NVFP4: the whole tensor) into NaN. Repair the checkpoint, or "
+                             f"leave the layer in full precision with skip=({n!r}, ...)")
+    skipped = [n for n, m in found if group_size and m.in_features % group_size]
+    if skipped and len(skipped) == len(found):
+        raise ValueError(f"no layer has in_features divisible by the group size {group_size}: nothing would be quantized")
+    if skipped: warnings.warn(f"left in full precision (in_features not a multiple of {group_size}): {', '.join(skipped)}")
+    return [(n, m) for n, m in found if n not in skipped], skipped
 
 def calibration_batch(tokenizer, # the model's tokenizer
                       calib:list, # ArithItems or (prompt, completion) pairs
@@ -269,10 +304,6 @@ def _shared_input_groups(model, batch, targets):
         for h in handles: h.remove()
     return [readers for _, readers in seen.values()]
 
-def _set_module(model, name, new):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
 @torch.no_grad()
 def quantize_model(model, # a Hugging Face causal LM (not modified unless inplace)
                    method:str="rtn", # one of METHODS
@@ -281,22 +312,30 @@ def quantize_model(model, # a Hugging Face causal LM (not modified unless inplac
                    calib:list|None=None, # calibration ArithItems or (prompt, completion) pairs
                    skip:tuple=("lm_head",), # linears whose name contains one of these stay in full precision
                    alpha:float=0.5, # SmoothQuant migration strength
+                   packed:bool=False, # store real FP4 codes in FP4Linear layers (rtn, nvfp4/mxfp4) instead of float weights on the grid
+                   use_triton:bool|None=None, # with packed: passed to every FP4Linear (None: Triton on CUDA inputs)
                    inplace:bool=False, # modify `model` itself
                    progress:bool=False, # progress bar over layers
-                  ): # the quantized model; `.quant_log` lists per-layer errors
-    "Post-training quantization of every linear layer of `model` with RTN, GPTQ, AWQ or SmoothQuant."
+                  ): # the quantized model; `.quant_log` lists per-layer errors, `.quant_skipped` the layers left as they were
+    "Post-training quantization of every linear layer (nn.Linear, or GPT-2's Conv1D) of `model` with RTN, GPTQ, AWQ or SmoothQuant."
     from tqdm.auto import tqdm
     if method not in METHODS: raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method in ("rtn", "gptq", "awq") and fmt not in GRID_FORMATS: raise ValueError(f"unknown format {fmt!r}; choose one of {GRID_FORMATS}")
+    if packed and (method != "rtn" or fmt not in ("nvfp4", "mxfp4")):
+        raise ValueError(f"packed=True stores round-to-nearest NVFP4/MXFP4 codes (method='rtn', fmt='nvfp4' or 'mxfp4'); "
+                         f"got method={method!r}, fmt={fmt!r}. Use packed=False for fake-quantized float weights")
     needs_calib = method in ("gptq", "awq", "smoothquant")
     if needs_calib and (tokenizer is None or not calib):
         raise ValueError(f"method {method!r} needs calibration data: pass tokenizer= and calib= (e.g. 128 task items)")
     model = model if inplace else copy.deepcopy(model)
-    targets = _targets(model, skip)
-    if not targets: raise ValueError("no nn.Linear layers to quantize (check `skip`)")
+    gs = None if method in ("smoothquant", "w8a8") else make_grid(fmt, torch.ones(1, 1)).group_size if fmt != "int8" else None
+    targets, model.quant_skipped = _targets(model, skip, gs)
     batch = calibration_batch(tokenizer, calib) if needs_calib else None
     log = []
-    if method == "rtn":
+    if packed:
+        from .fp4_kernel import FP4Linear  # the next chapter's layer, imported when asked for
+        for n, m in tqdm(targets, desc="fp4", disable=not progress): _set_module(model, n, FP4Linear.from_linear(m, fmt, use_triton))
+    elif method == "rtn":
         for n, m in tqdm(targets, desc="rtn", disable=not progress):
             m.weight.copy_(rtn(m.weight, fmt))
     elif method == "gptq":

@@ -10,24 +10,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..core import Generation, generate, render_prompts
+from ..core import Generation, generate, render_prompts, sampling_probs, check_sampling
 
 # %% auto #0
-__all__ = ['sampling_probs', 'residual_distribution', 'speculative_step_probs', 'verify_draft', 'expected_tokens_per_call',
-           'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'speculative_generate', 'speculative_decode',
-           'call_cost_ratio']
+__all__ = ['residual_distribution', 'speculative_step_probs', 'accept_greedy', 'verify_draft', 'expected_tokens_per_call',
+           'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'prompt_tensor',
+           'speculative_generate', 'speculative_decode', 'call_cost_ratio']
 
 # %% ../../nbs/46_speculative.ipynb #5adfc8d0
-def sampling_probs(logits:torch.Tensor, # [..., V] raw next-token logits
-                   temperature:float, # τ > 0
-                   top_k:int=0, # keep only the k largest logits (0: all)
-                  ) -> torch.Tensor: # [..., V] fp32 probabilities
-    "softmax(z/τ) restricted to the top-k logits: the distribution a sampler with these settings draws from."
-    z = logits.float() / temperature
-    if top_k and top_k < z.shape[-1]:
-        kth = z.topk(top_k, dim=-1).values[..., -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    return z.softmax(-1)
+# the filtered distributions p and q come from core's one sampler: `sampling_probs(logits, temperature, top_k, top_p)`
 
 def residual_distribution(p:torch.Tensor, # [..., V] target probabilities
                           q:torch.Tensor, # [..., V] draft probabilities
@@ -50,6 +41,14 @@ def speculative_step_probs(p:torch.Tensor, # [V] target distribution at the posi
     return accept + (1 - beta) * r
 
 # %% ../../nbs/46_speculative.ipynb #31713482
+def accept_greedy(drafts:torch.Tensor, # [k] proposed tokens
+                  target_tokens:torch.Tensor, # [>= k] the target's greedy token at each drafted position
+                 ) -> int: # length of the longest prefix of drafts the target agrees with
+    "Greedy chain acceptance (speculative decoding and Medusa): count drafts up to the first disagreement."
+    k = drafts.shape[0]
+    if target_tokens.shape[0] < k: raise ValueError(f"{k} drafts but only {target_tokens.shape[0]} target tokens to check them")
+    return int((drafts == target_tokens[:k]).long().cumprod(0).sum())
+
 def verify_draft(p:torch.Tensor, # [γ+1, V] target probabilities (or logits when greedy); row i scores drafts[i]
                  q:torch.Tensor|None, # [γ, V] draft probabilities the drafts were sampled from; None: greedy
                  drafts:torch.Tensor, # [γ] proposed tokens
@@ -60,8 +59,7 @@ def verify_draft(p:torch.Tensor, # [γ+1, V] target probabilities (or logits whe
     g = drafts.shape[0]
     if p.shape[0] != g + 1: raise ValueError(f"p needs γ+1 = {g + 1} rows (one per draft plus the bonus), got {p.shape[0]}")
     if q is None:
-        match = drafts == p[:g].argmax(-1)
-        n = int(match.long().cumprod(0).sum())
+        n = accept_greedy(drafts, p[:g].argmax(-1))
         return n, int(p[n].argmax())
     rows = torch.arange(g, device=p.device)
     ratio = p[rows, drafts] / q[rows, drafts]  # q(x_i) > 0: x_i was drawn from q_i
@@ -151,13 +149,26 @@ class SpecStats:
                 "rounds": len(self.accepted), "new_tokens": self.new_tokens}
 
 # %% ../../nbs/46_speculative.ipynb #35fb01be
-def _check_args(gamma, temperature, top_k, max_new_tokens):
+def _check_args(gamma, temperature, top_k, top_p, max_new_tokens):
     if gamma < 1: raise ValueError(f"gamma (drafts per round) must be >= 1, got {gamma}; use plain decoding for 0")
-    if temperature < 0: raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k < 0: raise ValueError(f"top_k must be >= 0 (0: no limit), got {top_k}")
+    check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
-def _as_batch1(input_ids, device):
+def check_context(models:list, # the causal LMs that will see the sequence
+                  prompt_len:int, # tokens in the prompt
+                  max_new_tokens:int, # tokens to generate
+                 ) -> None:
+    "Refuse a prompt + max_new_tokens longer than any model's context, as core.generate does."
+    for m in models:
+        limit = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+        if limit is not None and prompt_len + max_new_tokens > limit:
+            raise ValueError(f"the prompt has {prompt_len} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                             f"model's context of {limit}; shorten it or lower max_new_tokens")
+
+def prompt_tensor(input_ids, # [L] or [1, L] prompt token ids
+                  device, # where the models live
+                 ) -> torch.Tensor: # [1, L] LongTensor
+    "One prompt as a [1, L] tensor; speculative and Medusa decoding run at batch size 1."
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() == 1: ids = ids[None]
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
@@ -173,16 +184,18 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                          gamma:int=4, # drafts per round
                          temperature:float=0.0, # 0: greedy (output identical to the target's greedy)
                          top_k:int=0, # top-k filtering applied to both models (0: none)
+                         top_p:float=1.0, # nucleus filtering applied to both models (1: none)
                          seed:int|None=None, # seed of the sampler (rejection uniforms and draws)
                          eos_token_id:int|None=None, # stop after emitting this token
                          tokenizers:tuple|None=None, # (target, draft) tokenizers, to refuse mismatched vocabularies
                          min_draft_prob:float=0.0, # stop drafting after a token the draft gives less than this (still lossless)
                         ) -> tuple: # (ids [1, L + new] LongTensor, SpecStats)
     "Decode with `target`, `gamma` tokens at a time proposed by `draft`; lossless (rejection sampling)."
-    _check_args(gamma, temperature, top_k, max_new_tokens)
+    _check_args(gamma, temperature, top_k, top_p, max_new_tokens)
     check_pair(target, draft, tokenizers)
     device = next(target.parameters()).device
-    ids = _as_batch1(input_ids, device)
+    ids = prompt_tensor(input_ids, device)
+    check_context([target, draft], ids.shape[1], max_new_tokens)
     gen = torch.Generator(device=device)
     if seed is not None: gen.manual_seed(seed)
     else: gen.seed()
@@ -204,7 +217,7 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                         tok = z.argmax()
                         conf = float(z.float().softmax(-1)[tok]) if min_draft_prob > 0 else 1.0
                     else:
-                        qs.append(sampling_probs(z, temperature, top_k))
+                        qs.append(sampling_probs(z, temperature, top_k, top_p))
                         tok = torch.multinomial(qs[-1], 1, generator=gen)[0]; conf = float(qs[-1][tok])
                     drafts.append(tok); x = tok.view(1, 1)
                     # an unsure or final draft token is unlikely to be followed by accepted ones: verify now
@@ -219,7 +232,7 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                 if greedy: n, t = verify_draft(z, None, dr)
                 else:
                     q = torch.stack(qs) if d else z.new_empty(0, z.shape[-1])
-                    n, t = verify_draft(sampling_probs(z, temperature, top_k), q, dr, gen)
+                    n, t = verify_draft(sampling_probs(z, temperature, top_k, top_p), q, dr, gen)
                 new = dr[:n].tolist() + [t]
                 stats.accepted.append(n); stats.drafted.append(d)
                 stop = eos_token_id is not None and eos_token_id in new
@@ -243,6 +256,7 @@ def speculative_decode(target, # the target causal LM
                        gamma:int=4, # drafts per round
                        temperature:float=0.0, # 0: greedy
                        top_k:int=0, # top-k filtering for both models
+                       top_p:float=1.0, # nucleus filtering for both models
                        seed:int|None=None, # prompt i uses seed + i
                        chat:bool=True, # apply the chat template
                        progress:bool=False, # progress bar over prompts
@@ -251,9 +265,12 @@ def speculative_decode(target, # the target causal LM
     "Speculative decoding of many prompts, one at a time."
     texts = render_prompts(tokenizer, prompts, chat)
     p_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for i, p in enumerate(p_ids):  # every prompt is checked before any is decoded
+        try: check_context([target, draft], len(p), max_new_tokens)
+        except ValueError as e: raise ValueError(f"prompt {i}: {e}") from None
     stats, outs, t0 = SpecStats(gamma), [], time.perf_counter()
     for i, p in enumerate(tqdm(p_ids, disable=not progress, desc=f"speculative γ={gamma}")):
-        ids, st = speculative_generate(target, draft, p, max_new_tokens, gamma, temperature, top_k,
+        ids, st = speculative_generate(target, draft, p, max_new_tokens, gamma, temperature, top_k, top_p,
                                        None if seed is None else seed + i, tokenizer.eos_token_id,
                                        min_draft_prob=min_draft_prob)
         outs.append(ids[0, len(p):].tolist()); stats = stats.merge(st)
@@ -278,7 +295,7 @@ def call_cost_ratio(target, # target causal LM
     return per_call(draft) / per_call(target)
 
 # %% ../../nbs/46_speculative.ipynb #34fbdc5c
-def _spec_stage(state, n_prompts:int=32, gamma:int=4, max_new_tokens:int=48, **_):
+def _spec_stage(state, n_prompts:int=32, gamma:int=4, max_new_tokens:int=48):
     "Pipeline stage: speculative decoding of the current model with the zoo draft (inference only)."
     from posttrain_nb import zoo
     draft, dtok = zoo.load("draft")
