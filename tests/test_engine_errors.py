@@ -130,3 +130,9 @@ def test_repo_id_is_not_downloaded_unless_asked(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing can be found locally
     with pytest.raises(ValueError, match=r"download=True"):
         LLM("some-owner/some-model-that-is-not-here")
+
+
+def test_local_folder_loads_by_default():
+    from posttrain_nb import zoo
+    llm = LLM(str(zoo.model_path("draft")), max_num_seqs=2)  # local_files_only: a folder on disk needs no network
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))[0].ok
