@@ -180,3 +180,16 @@ def test_masked_mean_and_whiten_match_brute_force():
     assert (w[~m.bool()] == 0).all()
     ws = masked_whiten(x, m, eps=0.0, shift_mean=False)
     assert torch.allclose(ws[m.bool()], vals / vals.std(unbiased=False), rtol=1e-12)
+
+def test_dpo_at_a_huge_lr_stops(tmp_path, monkeypatch):
+    "Issue 13's case: DPO at lr=1e10 used to return normally with a ruined model; now the run stops and says why."
+    from posttrain_nb import zoo
+    from posttrain_nb.tasks import ArithTask
+    from posttrain_nb.train.dpo import train_dpo
+    monkeypatch.chdir(tmp_path)  # without out_dir the bad batch is saved in the working directory
+    items = ArithTask().sample(32, seed=7, split="train")
+    rows = [{"prompt": it.prompt, "chosen": it.solution,
+             "rejected": it.solution.replace(f"Answer: {it.answer}", f"Answer: {it.answer + 3}")} for it in items]
+    model, tok = zoo.load("base")
+    with pytest.raises(FloatingPointError, match="Lower the lr"):
+        train_dpo(model, tok, rows, TrainConfig(steps=30, batch_size=16, lr=1e10), progress=False)

@@ -367,7 +367,7 @@ def train_ppo(policy, # causal LM to optimise (all parameters with requires_grad
               reward_fn:Callable, # TRL signature: reward_fn(prompts, completions, completion_ids, **columns) -> list[float]
               cfg:PPOConfig|None=None, # hyper-parameters
               value_model=None, # critic; None: init_value_model(policy) (a LoRA policy's base weights)
-              ref_model=None, # frozen reference; None: a frozen copy of the starting policy (or disable_adapter for LoRA)
+              ref_model=None, # frozen reference; None: a frozen copy of `policy` as passed (or disable_adapter for LoRA), so pass the starting policy again to resume
               eval_fn:Callable|None=None, # eval_fn(policy) -> dict, run before training (fresh runs) and after the last iteration
               out_dir:str|Path|None=None, # checkpoint folder: resumable at iteration boundaries
               resume:bool=True, # continue from out_dir's checkpoint of the same run
