@@ -171,7 +171,7 @@ def lmsi(model, # the model that improves itself (not modified; a trained copy i
 
 # %% ../../nbs/53_lmsi.ipynb #4179117d
 def _lmsi_stage(state, n_questions:int=300, m:int=8, temperature:float=0.7, steps:int=60, lr:float=1e-3,
-                batch_size:int=32, lora_r:int=8, formats:str="1234", cot_trigger:str=""):
+                batch_size:int=32, lora_r:int=8, formats:str="3", cot_trigger:str=""):
     "Pipeline stage: one LMSI round on unlabeled training-split questions (their answers are never read)."
     questions = [i.prompt for i in state.task.sample(n_questions, seed=state.seed, split="train")]
     data = lmsi_data(state.model, state.tokenizer, questions, m=m, temperature=temperature, seed=state.seed,
