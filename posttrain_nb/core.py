@@ -239,9 +239,9 @@ def generate(model, # a Hugging Face causal LM
                                                     "set temperature > 0 to draw n > 1 samples")
     if seed is not None: torch.manual_seed(seed)
     device = next(model.parameters()).device
-    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
-    p_ids = _encode(tokenizer, render_prompts(tokenizer, prompts, chat))
-    limit = _max_len(model)
+    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+    p_ids = encode_texts(tokenizer, render_prompts(tokenizer, prompts, chat))
+    limit = context_length(model)
     for i, p in enumerate(p_ids):
         if limit is not None and len(p) + max_new_tokens > limit:
             raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "

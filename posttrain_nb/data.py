@@ -4,17 +4,18 @@
 
 # %% ../nbs/03_data.ipynb #8931f04f
 from __future__ import annotations
-import warnings
+import dataclasses, warnings
 from typing import Sequence
 
-from .core import pad_sequences, pad_token_id, context_length
+from .core import pad_sequences, pad_token_id, context_length, render_prompts
 
 # %% auto #0
 __all__ = ['ROLES', 'TRUNCATION_MODES', 'load_rows', 'is_conversation', 'as_row', 'row_format', 'common_prefix_length',
-           'assistant_mask', 'prompt_ids', 'prompt_text', 'user_text', 'tokenize_completion_row', 'prepare_sft',
-           'collate_completions', 'completion_example', 'prompt_completion_row', 'extract_prompt',
-           'check_preference_row', 'check_preference_rows', 'tokenize_preference_row', 'prepare_preferences',
-           'collate_preferences', 'encode_preferences', 'check_same_tokenizer']
+           'assistant_mask', 'prompt_ids', 'prompt_text', 'user_text', 'prompt_rows', 'render_prompt',
+           'tokenize_completion_row', 'prepare_sft', 'collate_completions', 'completion_example',
+           'prompt_completion_row', 'extract_prompt', 'check_preference_row', 'check_preference_rows',
+           'tokenize_preference_row', 'prepare_preferences', 'collate_preferences', 'encode_preferences',
+           'check_same_tokenizer']
 
 # %% ../nbs/03_data.ipynb #fe152680
 def load_rows(data, # a list of rows, a datasets.Dataset, or a datasets.DatasetDict
@@ -169,6 +170,36 @@ def user_text(prompt, # a string, a task item, a conversation or a TRL row with 
         users = [m["content"] for m in prompt if m["role"] == "user"]
         if users: return users[-1]
     raise ValueError(f"no user message in {str(prompt)[:80]}")
+
+# %% ../nbs/03_data.ipynb #ed10ee35
+def prompt_rows(prompts:list, # strings (user messages), TRL rows ({'prompt': str or messages, ...}) or dataclass items with .prompt
+               ) -> list: # TRL prompt-only rows: dicts with 'prompt' and the same other columns in every row
+    "A prompt pool as TRL prompt-only rows for online trainers (PPO, GRPO); a dataclass item (ArithItem) brings its fields."
+    rows = []
+    for i, x in enumerate(prompts):
+        if isinstance(x, str): r = {"prompt": x}
+        elif isinstance(x, dict) and "prompt" in x: r = dict(x)
+        elif dataclasses.is_dataclass(x) and hasattr(x, "prompt"):
+            r = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+        else: raise ValueError(f"prompt {i} is not a string, a TRL row with a 'prompt' or an object with .prompt: {str(x)[:80]}")
+        p = r["prompt"]
+        if not (isinstance(p, str) or is_conversation(p)):
+            raise ValueError(f"prompt {i}: 'prompt' must be a string or a list of chat messages, got {str(p)[:80]}")
+        if rows and r.keys() != rows[0].keys():
+            raise ValueError(f"prompt {i} has columns {sorted(r)} but prompt 0 has {sorted(rows[0])}; every row needs the "
+                             "same columns (they are passed to the reward functions)")
+        rows.append(r)
+    if not rows: raise ValueError("no prompts: an online trainer needs a prompt pool to roll out from")
+    return rows
+
+def render_prompt(tokenizer, # a Hugging Face tokenizer
+                  prompt, # a row's 'prompt': a string (one user message) or a list of chat messages
+                 ) -> str: # the model input text, ending where the assistant's reply begins
+    "A prompt as the text generation starts from: a string is one user message, a message list the whole conversation."
+    if isinstance(prompt, str): return render_prompts(tokenizer, [prompt])[0]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a conversational prompt needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 # %% ../nbs/03_data.ipynb #891e535e
 TRUNCATION_MODES = ("keep_start", "keep_end")

@@ -27,9 +27,11 @@ class Stage:
 STAGES: dict = {}
 # modules whose import registers stages; later chapters append theirs
 STAGE_MODULES = ["posttrain_nb.train.sft", "posttrain_nb.train.distill", "posttrain_nb.train.ppo", "posttrain_nb.train.dpo",
-                 "posttrain_nb.train.bpo",
+                 "posttrain_nb.train.bpo", "posttrain_nb.train.rlaif", "posttrain_nb.train.grpo", "posttrain_nb.train.calibrated",
+                 "posttrain_nb.train.lmsi", "posttrain_nb.train.rzero",
                  "posttrain_nb.infer.routing", "posttrain_nb.infer.calibration", "posttrain_nb.serve.fp4_kernel",
-                 "posttrain_nb.serve.engine", "posttrain_nb.serve.speculative"]
+                 "posttrain_nb.serve.engine", "posttrain_nb.serve.speculative", "posttrain_nb.serve.prune",
+                 "posttrain_nb.serve.qat"]
 
 def register_stage(name:str, # the name users pass to --stages
                    run:Callable, # run(state, **options) -> dict

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core import render_prompts, _encode, check_sampling, sample_token
+from ..core import render_prompts, encode_texts, check_sampling, sample_token
 from .kv_cache import BlockManager, KVSequence
 from .kernels import paged_attention, paged_prefill_attention
 
@@ -506,7 +506,7 @@ class LLM:
         str_idx = [i for i, t in enumerate(texts) if t is not None] if self.tokenizer is not None else []
         if str_idx:
             rendered = render_prompts(self.tokenizer, [texts[i] for i in str_idx], chat) if chat else [texts[i] for i in str_idx]
-            ids = (_encode(self.tokenizer, rendered) if chat else
+            ids = (encode_texts(self.tokenizer, rendered) if chat else
                    self.tokenizer(rendered, add_special_tokens=True)["input_ids"])
             enc = dict(zip(str_idx, ids))
         if self.has_unfinished():

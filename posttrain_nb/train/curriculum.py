@@ -111,7 +111,8 @@ class DynamicSampling(PromptSampler):
 
     def choose(self, r):
         from posttrain_nb.core import render_prompts
-        from posttrain_nb.train.grpo import rollout, as_prompt_rows, score_completions, make_engine
+        from posttrain_nb.train.grpo import rollout, score_completions, make_engine
+        from posttrain_nb.data import prompt_rows
         keep, spare, batches = [], [], 0
         while len(keep) < self.m:
             if batches == self.max_gen_batches:
@@ -122,7 +123,7 @@ class DynamicSampling(PromptSampler):
                 self.capped += 1
                 keep += spare[:self.m - len(keep)]; break
             cand = torch.randperm(len(self.pool), generator=self.gen)[:self.gen_batch].tolist()
-            rows = as_prompt_rows([self.pool[i] for i in cand])
+            rows = prompt_rows([self.pool[i] for i in cand])
             texts = render_prompts(self.tok, [x["prompt"] for x in rows])
             if self.engine is None:
                 self.engine = make_engine(self.model, self.tok, len(cand) * self.G, 256)
@@ -187,8 +188,8 @@ def prompt_features(model, # a causal LM (a frozen copy of the starting policy)
                    ) -> torch.Tensor: # [n, hidden] mean-pooled last hidden states
     "Features for the value model: mean-pooled final hidden states of the rendered prompts."
     from posttrain_nb.core import render_prompts, pad_sequences
-    from posttrain_nb.train.grpo import as_prompt_rows
-    rows = as_prompt_rows(prompts)
+    from posttrain_nb.data import prompt_rows
+    rows = prompt_rows(prompts)
     ids = tokenizer(render_prompts(tokenizer, [r["prompt"] for r in rows]), add_special_tokens=False)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []

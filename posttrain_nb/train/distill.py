@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core import TrainConfig, TrainResult, train_loop, pad_sequences, token_logprobs, encode_texts, pad_token_id
+from ..core import (TrainConfig, TrainResult, train_loop, pad_sequences, token_logprobs, encode_texts,
+                               pad_token_id, sample_token)
 from ..data import prompt_ids, completion_example, collate_completions, check_same_tokenizer
 
 # %% auto #0
@@ -53,11 +54,6 @@ def kd_loss(student_logits:torch.Tensor, # [..., V] student logits, aligned with
     return d.sum() / keep.sum().clamp(min=1)
 
 # %% ../../nbs/11_distill.ipynb #bff3e97e
-def _sample(logits:torch.Tensor, temperature:float) -> torch.Tensor:
-    "One token per row: argmax at temperature 0, else a draw from softmax(logits / temperature)."
-    if temperature == 0: return logits.argmax(-1)
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1).squeeze(-1)
-
 class _CachedDecoder:
     "Incremental decoding for one model: the first call reads the whole (left-padded) prompt, later calls one token."
     def __init__(self, model, vocab_size=None): self.model, self.cache, self.V = model, None, vocab_size
@@ -149,12 +145,12 @@ def skd_sample(student, # the student causal LM: proposes every token
             for _ in range(max_new_tokens):
                 z_s = draft(ids, mask) if run_student else None
                 z_t = judge(ids, mask) if run_teacher else None
-                if not run_teacher: tok, rep = _sample(z_s, temperature), torch.zeros_like(done)
-                elif not run_student: tok, rep = _sample(z_t, tt), torch.ones_like(done)
+                if not run_teacher: tok, rep = sample_token(z_s, temperature), torch.zeros_like(done)
+                elif not run_student: tok, rep = sample_token(z_t, tt), torch.ones_like(done)
                 else:
-                    s = _sample(z_s, temperature)
+                    s = sample_token(z_s, temperature)
                     kept = (z_t.topk(top_k, dim=-1).indices == s[:, None]).any(-1)
-                    tok, rep = torch.where(kept, s, _sample(z_t, tt)), ~kept
+                    tok, rep = torch.where(kept, s, sample_token(z_t, tt)), ~kept
                 tok = torch.where(done, torch.full_like(tok, pad_id), tok)
                 toks.append(tok); reps.append(rep & ~done)
                 if eos_id is not None: done = done | (tok == eos_id)

@@ -12,12 +12,13 @@ from typing import Callable
 import torch
 
 from ..core import (TrainConfig, TrainResult, train_loop, generate, pad_sequences, logprobs_from_logits,
-                               render_prompts, set_seed)
-from ..tasks import ArithItem, extract_answer
+                               masked_mean, set_seed)
+from ..data import prompt_rows, render_prompt
+from ..tasks import extract_answer
 
 # %% auto #0
 __all__ = ['LOSS_TYPES', 'group_advantages', 'k3_kl', 'grpo_loss', 'accuracy_reward', 'format_reward', 'score_completions',
-           'make_engine', 'rollout', 'GRPOConfig', 'as_prompt_rows', 'train_grpo']
+           'make_engine', 'rollout', 'GRPOConfig', 'train_grpo']
 
 # %% ../../nbs/50_grpo.ipynb #a69aac3f
 def group_advantages(rewards:torch.Tensor, # [n_groups * group_size] rewards, the rows of a group contiguous
@@ -52,9 +53,6 @@ def k3_kl(logp:torch.Tensor, # log pi_theta of the sampled tokens (with grad)
 # %% ../../nbs/50_grpo.ipynb #34daef4a
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
-def _masked_mean(x, mask): # TODO: switch to core.masked_mean once it lands there
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
 def grpo_loss(logp:torch.Tensor, # [B, L] log pi_theta of the completion tokens (with grad)
               old_logp:torch.Tensor|None, # [B, L] log pi_old at rollout time; None: logp.detach() (one iteration)
               ref_logp:torch.Tensor|None, # [B, L] log pi_ref; None when beta == 0
@@ -83,7 +81,7 @@ def grpo_loss(logp:torch.Tensor, # [B, L] log pi_theta of the completion tokens 
         if kl_ratio_correction: kl = kl * ratio  # tokens were drawn from pi_old, the KL is over pi_theta
         per_token = per_token + beta * kl
     if loss_type == "grpo": loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    elif loss_type == "bnpo": loss = _masked_mean(per_token, mask)
+    elif loss_type == "bnpo": loss = masked_mean(per_token, mask)
     elif loss_type == "dr_grpo":
         if not max_completion_length: raise ValueError("loss_type='dr_grpo' needs max_completion_length")
         loss = (per_token * mask).sum() / (logp.shape[0] * max_completion_length)
@@ -92,9 +90,9 @@ def grpo_loss(logp:torch.Tensor, # [B, L] log pi_theta of the completion tokens 
         loss = (per_token * mask).sum() / max(float(num_items), 1.0)
     with torch.no_grad():
         low = ((ratio < 1 - epsilon) & (adv < 0)).float(); high = ((ratio > 1 + eps_hi) & (adv > 0)).float()
-        metrics = {"clip_ratio/low_mean": _masked_mean(low, mask).item(), "clip_ratio/high_mean": _masked_mean(high, mask).item(),
-                   "clip_ratio/region_mean": _masked_mean(torch.maximum(low, high), mask).item()}
-        if kl is not None: metrics["kl"] = _masked_mean(kl, mask).item()
+        metrics = {"clip_ratio/low_mean": masked_mean(low, mask).item(), "clip_ratio/high_mean": masked_mean(high, mask).item(),
+                   "clip_ratio/region_mean": masked_mean(torch.maximum(low, high), mask).item()}
+        if kl is not None: metrics["kl"] = masked_mean(kl, mask).item()
     return loss, metrics
 
 # %% ../../nbs/50_grpo.ipynb #7ca769ca
@@ -240,26 +238,6 @@ class GRPOConfig:
                            schedule=self.schedule, max_grad_norm=self.max_grad_norm, eval_every=self.eval_every,
                            save_every=self.save_every, seed=self.seed)
 
-def as_prompt_rows(prompts:list, # strings, ArithItems, or TRL rows {'prompt': str or messages, **columns}
-                  ) -> list: # TRL rows: {'prompt': ..., **columns}
-    "Prompts as TRL prompt-only rows; an ArithItem brings its `answer` and `level` columns."
-    rows = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, ArithItem): rows.append({"prompt": p.prompt, "answer": p.answer, "level": p.level})
-        elif isinstance(p, str): rows.append({"prompt": p})
-        elif isinstance(p, dict) and "prompt" in p: rows.append(dict(p))
-        else: raise ValueError(f"prompt {i} is not a string, an ArithItem or a TRL row with a 'prompt' key: {str(p)[:80]}")
-    if not rows: raise ValueError("no prompts: GRPO needs a prompt pool to roll out from")
-    keys = set(rows[0])
-    for i, r in enumerate(rows):
-        if set(r) != keys: raise ValueError(f"row {i} has columns {sorted(r)} but row 0 has {sorted(keys)}; every row "
-                                            "needs the same columns (they are passed to the reward functions)")
-    return rows
-
-def _render(tokenizer, prompt):
-    if isinstance(prompt, str): return render_prompts(tokenizer, [prompt])[0]
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
 def _completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
     "log-probs and entropies of the completion tokens (logits divided by the sampling temperature, as TRL does)."
     ids, am = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
@@ -315,7 +293,7 @@ def train_grpo(model, # causal LM to train (all parameters with requires_grad; L
     if cfg.rollout_backend not in ("engine", "generate"):
         raise ValueError(f"unknown rollout_backend {cfg.rollout_backend!r}; use 'engine' or 'generate'")
     if cfg.loss_type not in LOSS_TYPES: raise ValueError(f"unknown loss_type {cfg.loss_type!r}; use one of {LOSS_TYPES}")
-    rows = as_prompt_rows(prompts)
+    rows = prompt_rows(prompts)
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     tcfg = cfg.train_config()
     if tcfg.batch_size % (acc.num_processes * cfg.grad_accum):
@@ -338,9 +316,9 @@ def train_grpo(model, # causal LM to train (all parameters with requires_grad; L
 
     def make_rollout(r, step):
         t0 = time.perf_counter()
-        picked = default_sampler(r) if prompt_sampler is None else as_prompt_rows(prompt_sampler(r))
+        picked = default_sampler(r) if prompt_sampler is None else prompt_rows(prompt_sampler(r))
         if len(picked) != m: raise ValueError(f"prompt_sampler({r}) returned {len(picked)} prompts; expected {m}")
-        texts = [_render(tokenizer, p["prompt"]) for p in picked]
+        texts = [render_prompt(tokenizer, p["prompt"]) for p in picked]
         if cfg.rollout_backend == "engine":
             need = max(len(t) for t in tokenizer(texts, add_special_tokens=False)["input_ids"]) + cfg.max_completion_length
             if state["engine"] is None or state["engine"].max_model_len < need:  # sized for the longest prompt so far
@@ -410,7 +388,7 @@ def train_grpo(model, # causal LM to train (all parameters with requires_grad; L
         mask = batch["completion_mask"]
         loss, met = grpo_loss(logp, old, ref, batch["advantages"], mask, cfg.beta, cfg.epsilon, cfg.epsilon_high,
                               cfg.loss_type, cfg.max_completion_length, batch["num_items"], cfg.kl_ratio_correction)
-        return loss, {**state["metrics"], **met, "entropy": _masked_mean(ent, mask.to(ent.dtype)).item()}
+        return loss, {**state["metrics"], **met, "entropy": masked_mean(ent, mask.to(ent.dtype)).item()}
 
     res = train_loop(model, loss_fn, data, tcfg, collate=lambda ex: _collate(ex, pad_id), eval_fn=eval_fn,
                      out_dir=out_dir, resume=resume, stop_after=stop_after, accelerator=acc, progress=progress, desc="grpo")

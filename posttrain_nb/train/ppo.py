@@ -12,15 +12,15 @@ from typing import Callable
 import torch
 
 from ..core import (generate, token_logprobs, pad_sequences, set_seed, render_prompts, masked_mean,
-                               masked_whiten, TrainConfig, TrainResult, train_loop, OnlineData, sample_batch, _pad_id)
+                               masked_whiten, TrainConfig, TrainResult, train_loop, OnlineData, sample_batch, pad_token_id)
 from ..tasks import extract_answer
+from ..data import prompt_rows, render_prompt
 from .reward import reward_model_from_causal_lm, token_values, sequence_rewards
 
 # %% auto #0
-__all__ = ['kl_penalty', 'shaped_rewards', 'gae', 'ppo_policy_loss', 'ppo_value_loss', 'PPOConfig', 'Rollout', 'prompt_rows',
-           'render_prompt_rows', 'response_logprobs', 'response_values', 'call_reward', 'make_rollout',
-           'verifier_reward', 'rm_reward', 'init_value_model', 'PPOResult', 'PolicyAndCritic', 'stack_rows',
-           'train_ppo']
+__all__ = ['kl_penalty', 'shaped_rewards', 'gae', 'ppo_policy_loss', 'ppo_value_loss', 'PPOConfig', 'Rollout',
+           'response_logprobs', 'response_values', 'call_reward', 'make_rollout', 'verifier_reward', 'rm_reward',
+           'init_value_model', 'PPOResult', 'PolicyAndCritic', 'stack_rows', 'train_ppo']
 
 # %% ../../nbs/21_ppo.ipynb #e4a0cfb9
 def kl_penalty(logp:torch.Tensor, # [B, L] log pi_old of the sampled tokens
@@ -158,38 +158,6 @@ class Rollout:
         if self.correct is not None: cols["correct"] = self.correct
         return [{k: v[i] for k, v in cols.items()} for i in range(len(self.texts))]
 
-def prompt_rows(prompts:list, # strings, TRL rows ({'prompt': str or messages, ...}) or objects with .prompt (ArithItems)
-               ) -> list: # TRL rows: dicts with 'prompt' and the other columns
-    "The prompt pool as TRL prompt rows; every row must have the same columns."
-    rows = []
-    for i, x in enumerate(prompts):
-        if isinstance(x, str): r = {"prompt": x}
-        elif isinstance(x, dict) and "prompt" in x: r = dict(x)
-        elif dataclasses.is_dataclass(x) and hasattr(x, "prompt"):
-            r = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
-        else: raise ValueError(f"prompt {i} is not a string, a TRL row with a 'prompt' or an object with .prompt: {str(x)[:80]}")
-        p = r["prompt"]
-        if not (isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m for m in p))):
-            raise ValueError(f"prompt {i}: 'prompt' must be a string or a list of chat messages, got {str(p)[:80]}")
-        if rows and r.keys() != rows[0].keys():
-            raise ValueError(f"prompt {i} has columns {sorted(r)} but prompt 0 has {sorted(rows[0])}; every row needs the same")
-        rows.append(r)
-    return rows
-
-def render_prompt_rows(tokenizer, # a Hugging Face tokenizer
-                       rows:list, # TRL prompt rows
-                      ) -> list: # model input strings
-    "Each row's prompt as model input: a string is a user message, a message list is the whole conversation (chat template)."
-    # TODO(data layer): switch to posttrain_nb.data's prompt rendering when it lands
-    out = []
-    for r in rows:
-        p = r["prompt"]
-        if isinstance(p, str): out += render_prompts(tokenizer, [p])
-        elif getattr(tokenizer, "chat_template", None):
-            out.append(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True))
-        else: raise ValueError("a conversational prompt needs a tokenizer with a chat template")
-    return out
-
 def response_logprobs(model, # causal LM
                       input_ids:torch.Tensor, # [B, P+L]
                       attention_mask:torch.Tensor, # [B, P+L]
@@ -245,9 +213,9 @@ def make_rollout(policy, # causal LM being trained
     "Sample responses and compute log-probs, values, scores, shaped rewards and advantages."
     rows = prompt_rows(items)
     with torch.random.fork_rng(devices=[]):
-        gen = generate(policy, tokenizer, render_prompt_rows(tokenizer, rows), max_new_tokens=cfg.max_new_tokens,
+        gen = generate(policy, tokenizer, [render_prompt(tokenizer, r["prompt"]) for r in rows], max_new_tokens=cfg.max_new_tokens,
                        temperature=1.0, batch_size=len(rows), seed=seed, chat=False)
-    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
+    eos, pad = tokenizer.eos_token_id, pad_token_id(tokenizer)
     resp = [c if c else [eos] for c in gen.completion_ids]
     p_ids, p_mask = pad_sequences(gen.prompt_ids, pad, "left")
     r_ids, r_mask = pad_sequences(resp, pad, "right")
@@ -290,10 +258,10 @@ def rm_reward(rm, # a reward model (chapter 20)
     if scale <= 0: raise ValueError(f"scale must be > 0, got {scale}")
     rm.eval()
     def reward_fn(prompts, completions, completion_ids=None, **kwargs):
-        p_ids = tokenizer(render_prompt_rows(tokenizer, [{"prompt": p} for p in prompts]), add_special_tokens=False)["input_ids"]
+        p_ids = tokenizer([render_prompt(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
         if completion_ids is None:
             completion_ids = tokenizer([_text(c) for c in completions], add_special_tokens=False)["input_ids"]
-        ids, am = pad_sequences([p + list(c) for p, c in zip(p_ids, completion_ids)], _pad_id(tokenizer), "right")
+        ids, am = pad_sequences([p + list(c) for p, c in zip(p_ids, completion_ids)], pad_token_id(tokenizer), "right")
         dev = next(rm.parameters()).device
         with torch.no_grad(): r = sequence_rewards(rm, ids.to(dev), am.to(dev))
         return ((r - shift) / scale).tolist()

@@ -35,7 +35,8 @@ def train_sft(model, # a Hugging Face causal LM (wrapped with LoRA when lora_r >
     if lora_r > 0: model = add_lora(model, r=lora_r, alpha=lora_alpha, seed=cfg.seed)
     pad = pad_token_id(tokenizer)
     res = train_loop(model, masked_lm_loss, examples, cfg, collate=lambda ex: collate_completions(ex, pad),
-                     eval_fn=eval_fn, out_dir=out_dir, progress=progress, desc="sft")
+                     eval_fn=eval_fn, out_dir=out_dir, progress=progress, desc="sft",
+                     count_fn=lambda b: (b["response_mask"] * b["attention_mask"]).sum())  # accumulation: a global token mean
     if export_dir is not None: export_model(model, tokenizer, export_dir, merge=merge_lora)
     return model, res
 
