@@ -181,7 +181,6 @@ def train_moe(model, # an upcycled (or dense) causal LM, trained in place
              ) -> tuple: # (TrainResult, loads: [steps, layers, E] fraction of assignments per expert)
     "Continue training with the LM loss + aux_coef * mean load-balancing loss, logging expert loads."
     from posttrain_nb.zoo import pretokenize, collate_pretokenized
-    from posttrain_nb.tasks import ArithItem
     items = [t if hasattr(t, "solution") else _Pair(*t) for t in train]
     rows, pad = pretokenize(tokenizer, items), tokenizer.pad_token_id
     blocks, loads = moe_blocks(model), []
