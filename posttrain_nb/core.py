@@ -16,10 +16,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts', 'encode_for_training',
-           'logprobs_from_logits', 'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'Generation', 'generate',
-           'check_sampling', 'sampling_probs', 'sample_token', 'save_safetensors_atomic', 'load_safetensors',
-           'TrainConfig', 'lr_at', 'TrainResult', 'train_loop', 'add_lora']
+__all__ = ['ZERO_GRAD_PATIENCE', 'set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts',
+           'encode_texts', 'pad_token_id', 'context_length', 'encode_for_training', 'logprobs_from_logits',
+           'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'masked_mean', 'masked_whiten', 'Generation',
+           'generate', 'check_sampling', 'sampling_probs', 'sample_token', 'save_safetensors_atomic',
+           'load_safetensors', 'TrainConfig', 'lr_at', 'sample_batch', 'OnlineData', 'TrainResult', 'train_loop',
+           'add_lora', 'export_model']
 
 # %% ../nbs/00_core.ipynb #18980478
 def set_seed(seed:int, # the seed for python, numpy and torch
@@ -79,16 +81,25 @@ def render_prompts(tokenizer, # a Hugging Face tokenizer
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                           add_generation_prompt=True) for p in prompts]
 
-def _encode(tokenizer, texts):
+def encode_texts(tokenizer, # a Hugging Face tokenizer
+                 texts:Sequence[str], # already-rendered strings (chat template applied, if wanted)
+                ) -> list: # one list of token ids per text
+    "Token ids of each text, with no special tokens added (the rendered text carries them)."
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
-def _pad_id(tokenizer):
+def pad_token_id(tokenizer, # a Hugging Face tokenizer
+                ) -> int:
+    "The id to pad with: the pad token, else the eos token (as TRL does)."
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pid is None: raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     return pid
 
-def _max_len(model):
+def context_length(model, # a Hugging Face model
+                  ) -> int|None: # its max_position_embeddings (None if the config has none)
+    "The longest sequence the model accepts."
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+_encode, _pad_id, _max_len = encode_texts, pad_token_id, context_length  # old private names, kept for other modules until they switch
 
 # %% ../nbs/00_core.ipynb #353abd79
 def encode_for_training(tokenizer, # a Hugging Face tokenizer
@@ -101,8 +112,8 @@ def encode_for_training(tokenizer, # a Hugging Face tokenizer
     "Right-padded prompt+completion batch with a mask over the completion tokens."
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    p_ids = _encode(tokenizer, render_prompts(tokenizer, prompts, chat))
-    c_ids = _encode(tokenizer, completions)
+    p_ids = encode_texts(tokenizer, render_prompts(tokenizer, prompts, chat))
+    c_ids = encode_texts(tokenizer, completions)
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     rows, resp = [], []
     for i, (p, c) in enumerate(zip(p_ids, c_ids)):
@@ -111,7 +122,7 @@ def encode_for_training(tokenizer, # a Hugging Face tokenizer
             raise ValueError(f"row {i} has {len(row)} tokens (prompt {len(p)}) but the model's context is {max_length}; "
                              "shorten the prompt or completion, or use a model with a longer context")
         rows.append(row); resp.append([0] * len(p) + [1] * (len(c) + len(eos)))
-    input_ids, attention_mask = pad_sequences(rows, _pad_id(tokenizer), "right")
+    input_ids, attention_mask = pad_sequences(rows, pad_token_id(tokenizer), "right")
     response_mask, _ = pad_sequences(resp, 0, "right")
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
@@ -169,6 +180,29 @@ def masked_lm_loss(model, # a causal LM
     lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
     m = (batch["response_mask"] * batch["attention_mask"]).to(lp.dtype)
     return -(lp * m).sum() / m.sum()
+
+# %% ../nbs/00_core.ipynb #5a1e0c3d
+def masked_mean(x:torch.Tensor, # any shape
+                mask:torch.Tensor, # same shape (or broadcastable), 1 where x counts
+                dim:int|None=None, # reduce over this dimension only (None: over everything)
+               ) -> torch.Tensor: # scalar, or x reduced over `dim`; 0 where the mask is empty
+    "Mean of x over the positions where mask is 1 (PPO's and GRPO's token mean)."
+    mask = mask.to(x.dtype)
+    if dim is None: return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+def masked_whiten(x:torch.Tensor, # [B, L]
+                  mask:torch.Tensor, # [B, L], 1 on real tokens
+                  eps:float=1e-8, # numerical floor for the variance
+                  shift_mean:bool=True, # subtract the mean (False: only rescale, keeping the sign of every entry)
+                 ) -> torch.Tensor: # [B, L], unit variance (and zero mean) over the masked entries, 0 elsewhere
+    "Standardise x with the mean and (biased) variance of its masked entries, as TRL's and OpenRLHF's PPO do."
+    mask = mask.to(x.dtype)
+    mu = masked_mean(x, mask)
+    var = masked_mean((x - mu) ** 2, mask)
+    out = (x - mu) * torch.rsqrt(var + eps)
+    if not shift_mean: out = out + mu * torch.rsqrt(var + eps)
+    return out * mask
 
 # %% ../nbs/00_core.ipynb #2e1887a9
 @dataclass
@@ -310,7 +344,7 @@ def load_safetensors(path:str|Path, # a file written by save_safetensors_atomic
 # %% ../nbs/00_core.ipynb #d98b49d2
 @dataclass
 class TrainConfig:
-    "Hyper-parameters of the shared training loop."
+    "Hyper-parameters of the shared training loop (checked when made: a bad value names its field)."
     steps: int = 100 # optimiser steps in the whole run
     batch_size: int = 16 # examples per optimiser step, across processes and accumulation
     grad_accum: int = 1 # micro-steps per optimiser step
@@ -324,6 +358,26 @@ class TrainConfig:
     eval_every: int = 0 # run eval_fn every this many steps (0: only at the end)
     save_every: int = 0 # checkpoint every this many steps (0: only at the end, if out_dir is given)
     seed: int = 0 # seeds data order and every random number the loss draws
+    def __post_init__(self):
+        def integer(name, low):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {low}, got {v!r}")
+        for name in ("steps", "batch_size", "grad_accum"): integer(name, 1)
+        for name in ("warmup_steps", "eval_every", "save_every"): integer(name, 0)
+        integer("seed", -2**63)
+        def number(name, ok, want):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"TrainConfig.{name} must be {want}, got {v!r}")
+        number("lr", lambda v: v >= 0, "a finite number >= 0")
+        number("weight_decay", lambda v: v >= 0, "a finite number >= 0")
+        number("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
+        if self.max_grad_norm is not None: number("max_grad_norm", lambda v: v > 0, "None or a number > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; use 'cosine', 'linear' or 'constant'")
 
 def lr_at(step:int, # optimiser steps taken so far
           cfg:TrainConfig, # the run's configuration
@@ -338,21 +392,62 @@ def lr_at(step:int, # optimiser steps taken so far
     raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine', 'linear' or 'constant'")
 
 # %% ../nbs/00_core.ipynb #61208b25
+def sample_batch(pool:Sequence, # the examples to draw from
+                 index:int, # which batch: 0, 1, 2, ...
+                 size:int, # examples per batch
+                 seed:int=0, # seeds the order; each pass over pool is reshuffled by (seed, pass)
+                ) -> list:
+    "Batch `index` of an endless pass over `pool`, reshuffled every epoch: a pure function, so any batch can be redrawn."
+    n = len(pool)
+    if n == 0: raise ValueError("the training data is empty")
+    out, pos = [], index * size
+    while len(out) < size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        take = perm[offset:offset + size - len(out)]
+        out += [pool[i] for i in take]; pos += len(take)
+    return out
+
 def _global_examples(data, step, batch_size, seed):
     "The examples of optimiser step `step`, identical on every process."
     if callable(data):
         ex = list(data(step))
         if len(ex) != batch_size: raise ValueError(f"data({step}) returned {len(ex)} examples; expected batch_size={batch_size}")
         return ex
-    n = len(data)
-    if n == 0: raise ValueError("the training data is empty")
-    out, pos = [], step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        take = perm[offset:offset + batch_size - len(out)]
-        out += [data[i] for i in take]; pos += len(take)
-    return out
+    return sample_batch(data, step, batch_size, seed)
+
+class OnlineData:
+    "Callable `data` for train_loop when the model being trained makes its own examples (PPO, GRPO, online DPO)."
+    def __init__(self,
+                 make:Callable, # make(iteration) -> rows_per_iteration examples, made with the current model; called once per iteration on every process, it must return the same rows on each (seed its sampling by iteration)
+                 rows_per_iteration:int, # examples one call of make returns (e.g. prompts x samples per prompt)
+                 batch_size:int, # examples per optimiser step (TrainConfig.batch_size)
+                 epochs:int=1, # passes over each iteration's examples, in shuffled minibatches
+                 seed:int=0, # seeds the minibatch order
+                 fingerprint=None, # what make draws from (prompt pool, reward, settings): stored with checkpoints so a resume with other data is refused
+                ):
+        if rows_per_iteration < 1 or batch_size < 1 or epochs < 1 or rows_per_iteration % batch_size:
+            raise ValueError(f"rows_per_iteration={rows_per_iteration} must be a positive multiple of batch_size="
+                             f"{batch_size}, and epochs={epochs} >= 1")
+        self.make, self.rows, self.batch_size, self.epochs, self.seed = make, rows_per_iteration, batch_size, epochs, seed
+        self.fingerprint = fingerprint
+        self.steps_per_iteration = epochs * rows_per_iteration // batch_size
+        self.iteration, self.examples = None, None
+
+    def __call__(self, step:int) -> list:
+        it, k = divmod(step, self.steps_per_iteration)
+        if it != self.iteration:
+            if k: raise RuntimeError(
+                f"online data can only start at the first step of an iteration, but step {step} is step {k} of iteration "
+                f"{it} (whose examples came from a model that has changed since). Checkpoint at iteration boundaries: "
+                f"save_every and stop_after multiples of {self.steps_per_iteration}")
+            ex = list(self.make(it))
+            if len(ex) != self.rows: raise ValueError(f"make({it}) returned {len(ex)} examples; expected {self.rows}")
+            self.iteration, self.examples = it, ex
+        epoch, b = divmod(k, self.rows // self.batch_size)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + it * 1_009 + epoch)
+        idx = torch.randperm(self.rows, generator=g)[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+        return [self.examples[i] for i in idx]
 
 # %% ../nbs/00_core.ipynb #62e3fe6d
 def _rng_state():
@@ -368,22 +463,92 @@ def _set_rng_state(st, torch_state):
 def _trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-def _save_checkpoint(path, model, optimizer, step, history, cfg):
-    tensors = {f"model.{n}": p for n, p in _trainable(model).items()}
+def _feed(h, x):
+    "Hash `x` into h by value: the same data gives the same digest in any process, any day."
+    import hashlib
+    if x is None or isinstance(x, (bool, int, float, str)): h.update(f"{type(x).__name__}:{x!r};".encode())
+    elif isinstance(x, bytes): h.update(b"b:" + x + b";")
+    elif torch.is_tensor(x) or isinstance(x, np.ndarray):
+        t = torch.as_tensor(x).detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(x, dict):
+        h.update(b"{")
+        for k in sorted(x, key=str): _feed(h, k); _feed(h, x[k])
+        h.update(b"}")
+    elif isinstance(x, (list, tuple)):
+        h.update(b"[")
+        for v in x: _feed(h, v)
+        h.update(b"]")
+    elif dataclasses.is_dataclass(x):
+        h.update(type(x).__name__.encode())
+        _feed(h, {f.name: getattr(x, f.name) for f in dataclasses.fields(x)})
+    else:  # an object without a by-value form: its repr, unless that is only its address
+        r = repr(x); h.update((type(x).__qualname__ if " at 0x" in r else r).encode())
+
+def _data_fingerprint(data) -> str:
+    "What the checkpoint remembers of the data: a digest of every example (or of a Dataset's own fingerprint)."
+    import hashlib
+    h = hashlib.sha256()
+    if callable(data):  # online data: the callable may describe what it draws from in a `fingerprint` attribute
+        fp = getattr(data, "fingerprint", None)
+        _feed(h, fp if fp is not None else f"callable {getattr(data, '__module__', '')}.{getattr(data, '__qualname__', type(data).__qualname__)}")
+    elif hasattr(data, "_fingerprint"): _feed(h, ("datasets", data._fingerprint))  # a datasets.Dataset
+    else:
+        _feed(h, len(data))
+        for x in data: _feed(h, x)
+    return h.hexdigest()[:16]
+
+# fields that change neither the trajectory nor the result: a resumed run may differ in these
+_RESUMABLE_CHANGES = ("eval_every", "save_every")
+
+def _save_checkpoint(path, model, optimizer, step, history, cfg, data_fp=None):
+    params = _trainable(model)
+    tensors = {f"model.{n}": p for n, p in params.items()}
     for i, st in optimizer.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"step": step, "history": history, "config": dataclasses.asdict(cfg), "rng": _rng_state(),
-            "param_groups": optimizer.state_dict()["param_groups"]}
+            "param_groups": optimizer.state_dict()["param_groups"], "data_fingerprint": data_fp,
+            "params": {n: list(p.shape) for n, p in params.items()}}
     save_safetensors_atomic(tensors, path, meta)
 
-def _load_checkpoint(path, model, optimizer, cfg):
+def _resume_mismatch(path, meta, tensors, params, cfg, data_fp, optimizer) -> list:
+    "Every way the checkpoint's run differs from this one (empty: it is the same run)."
+    if "data_fingerprint" not in meta:
+        return ["the checkpoint was written without a fingerprint of its config and data, so it cannot be checked"]
+    diffs = []
+    old = meta["config"]
+    for k, v in dataclasses.asdict(cfg).items():
+        ov = old.get(k)
+        if k in _RESUMABLE_CHANGES or ov == v or (isinstance(v, tuple) and ov == list(v)): continue
+        diffs.append(f"config {k}: {ov!r} in the checkpoint, {v!r} now")
+    if meta["data_fingerprint"] != data_fp:
+        diffs.append(f"data: different examples (fingerprint {meta['data_fingerprint']} in the checkpoint, {data_fp} now)")
+    shapes = {n: list(p.shape) for n, p in params.items()}
+    saved = {k[len("model."):]: list(v.shape) for k, v in tensors.items() if k.startswith("model.")}
+    missing, extra = [n for n in shapes if n not in saved], [n for n in saved if n not in shapes]
+    if missing: diffs.append(f"model: {len(missing)} trainable parameters are not in the checkpoint, e.g. {missing[0]}")
+    if extra: diffs.append(f"model: the checkpoint has {len(extra)} parameters this model does not train, e.g. {extra[0]}")
+    for n in shapes:
+        if n in saved and saved[n] != shapes[n]:
+            lora = " (a different LoRA rank?)" if "lora_" in n else ""
+            diffs.append(f"model: {n} is {saved[n]} in the checkpoint but {shapes[n]} now{lora}")
+            break
+    sizes = lambda groups: [len(g["params"]) for g in groups]
+    if not diffs and sizes(meta["param_groups"]) != sizes(optimizer.state_dict()["param_groups"]):
+        diffs.append(f"optimiser: parameter groups of sizes {sizes(meta['param_groups'])} in the checkpoint, "
+                     f"{sizes(optimizer.state_dict()['param_groups'])} now (were lr_scales changed?)")
+    return diffs
+
+def _load_checkpoint(path, model, optimizer, cfg, data_fp=None):
     tensors, meta = load_safetensors(path)
     params = _trainable(model)
-    missing = [n for n in params if f"model.{n}" not in tensors]
-    if missing: raise ValueError(f"checkpoint {path} does not match this model (missing {missing[:3]}...); "
-                                 "point out_dir somewhere else or delete the checkpoint to start fresh")
+    diffs = _resume_mismatch(path, meta, tensors, params, cfg, data_fp, optimizer)
+    if diffs:
+        raise ValueError(f"{path} holds a checkpoint of a different run, so it is not resumed:\n  - " + "\n  - ".join(diffs)
+                         + f"\nResuming continues the same run only. To start fresh, pass another out_dir, delete {path},"
+                         " or pass resume=False (the checkpoint is then overwritten).")
     with torch.no_grad():
         for n, p in params.items(): p.copy_(tensors[f"model.{n}"])
     state = {}
@@ -404,10 +569,13 @@ class TrainResult:
     steps: int # optimiser steps taken in total (including those before a resume)
     seconds: float # wall time of this call
     tokens: int # tokens processed by this call (from attention_mask, if the batch has one)
+    resumed_from: int = 0 # the step this call started at (0: a fresh run)
     @property
     def tokens_per_second(self) -> float:
         "Training throughput of this call."
         return self.tokens / max(self.seconds, 1e-9)
+
+ZERO_GRAD_PATIENCE = 3 # optimiser steps in a row with a gradient norm of exactly 0 (and a loss that is not) before a run stops
 
 def train_loop(model, # the model to train; only parameters with requires_grad are updated
                loss_fn:Callable, # loss_fn(model, batch) -> loss or (loss, metrics dict)
@@ -416,31 +584,45 @@ def train_loop(model, # the model to train; only parameters with requires_grad a
                collate:Callable|None=None, # list of examples -> batch (identity if None)
                eval_fn:Callable|None=None, # eval_fn(model) or eval_fn(model, step=...) -> dict of metrics (empty: not logged)
                out_dir:str|Path|None=None, # where checkpoint.safetensors is written (None: no checkpoints)
-               resume:bool=True, # continue from out_dir's checkpoint if there is one
+               resume:bool=True, # continue from out_dir's checkpoint if it is of the same run (same config, data, model)
                stop_after:int|None=None, # stop (and checkpoint) after this many steps of this call, e.g. to test resume
                accelerator=None, # an accelerate.Accelerator; a default one is made if None
                progress:bool=True, # show a tqdm progress bar
                desc:str="train", # progress bar label
+               count_fn:Callable|None=None, # count_fn(batch) -> how many items loss_fn averages over (e.g. response tokens); the step is then the mean over the global count. None: every micro-batch weighs the same
+               lr_scales:dict|None=None, # parameter-name prefix -> multiple of the scheduled lr, e.g. {"critic.": 10.0}
               ) -> TrainResult:
-    "Train `model` on `data` with `loss_fn`: accumulation, clipping, schedule, evaluation, atomic checkpoints, resume."
+    "Train `model` on `data` with `loss_fn`: accumulation, clipping, schedule, evaluation, atomic checkpoints, resume, divergence stops."
     from accelerate import Accelerator
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by processes x grad_accum = "
                          f"{world} x {cfg.grad_accum}")
+    if stop_after is not None and stop_after < 1: raise ValueError(f"stop_after must be >= 1 (or None), got {stop_after}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     collate = collate or (lambda ex: ex)
-    params = list(_trainable(model).values())
+    named = _trainable(model)
+    params = list(named.values())
     if not params: raise ValueError("the model has no trainable parameters (all requires_grad=False)")
     set_seed(cfg.seed)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scale_of = lambda n: next((s for pre, s in (lr_scales or {}).items() if n.startswith(pre)), 1.0)
+    scales = sorted({scale_of(n) for n in named})
+    groups = [{"params": [p for n, p in named.items() if scale_of(n) == s], "lr_scale": float(s)} for s in scales]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     ckpt = Path(out_dir) / "checkpoint.safetensors" if out_dir else None
+    if ckpt is not None and ckpt.parent.exists() and not ckpt.parent.is_dir():
+        raise ValueError(f"out_dir {ckpt.parent} is a file; pass a folder")
+    data_fp = _data_fingerprint(data) if ckpt is not None else None
     step, history, evals = 0, [], []
     if ckpt is not None and resume and ckpt.exists():
-        step, history = _load_checkpoint(ckpt, model, opt, cfg)
+        step, history = _load_checkpoint(ckpt, model, opt, cfg, data_fp)
         evals = [h for h in history if h.get("eval")]
         history = [h for h in history if not h.get("eval")]
+        if step >= cfg.steps and acc.is_main_process:
+            print(f"{ckpt} holds this run (same config and data), finished at step {step}: returning it without "
+                  "training (resume=False retrains from scratch)")
+    start = step
     model, opt = acc.prepare(model, opt)
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
@@ -459,37 +641,65 @@ def train_loop(model, # the model to train; only parameters with requires_grad a
     def save():
         if ckpt is not None and acc.is_main_process:
             _save_checkpoint(ckpt, acc.unwrap_model(model), opt.optimizer if hasattr(opt, "optimizer") else opt,
-                             step, history + evals, cfg)
+                             step, history + evals, cfg, data_fp)
         acc.wait_for_everyone()
+    def stop(why, batch, fix):
+        _dump_bad_batch(out_dir, batch, step)
+        raise FloatingPointError(f"{why} at step {step}; the batch was saved to "
+                                 f"{Path(out_dir or '.') / 'nan_batch.safetensors'}. {fix}")
+    zero_steps = 0
     try:
         while step < end:
-            for g in opt.param_groups: g["lr"] = lr_at(step, cfg)
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups: g["lr"] = lr * g.get("lr_scale", 1.0)
             examples = _global_examples(data, step, cfg.batch_size, cfg.seed)
             mine = examples[acc.process_index::world]
-            logged, total = {}, 0.0
+            batches = []
             for a in range(cfg.grad_accum):
                 batch = collate(mine[a * micro:(a + 1) * micro])
                 if isinstance(batch, dict):
                     batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     if torch.is_tensor(batch.get("attention_mask")): tokens += int(batch["attention_mask"].sum())
+                batches.append(batch)
+            if count_fn is None: weights = [1 / cfg.grad_accum] * cfg.grad_accum
+            else:  # micro-batch a weighs count_a / global count; x world because DDP averages gradients over processes
+                counts = [float(count_fn(b)) for b in batches]
+                n_all = acc.reduce(torch.tensor(sum(counts), dtype=torch.float64, device=acc.device), "sum").item()
+                if n_all <= 0: raise ValueError(f"count_fn gives 0 items in the whole batch of step {step}: nothing to learn from")
+                weights = [c / n_all * world for c in counts]
+            logged, total = {}, 0.0
+            for a, (batch, w) in enumerate(zip(batches, weights)):
                 sync = a == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(model):
                     out = loss_fn(model, batch)
                     loss, metrics = out if isinstance(out, tuple) else (out, {})
                     if not torch.isfinite(loss):
-                        _dump_bad_batch(out_dir, batch, step)
-                        raise FloatingPointError(
-                            f"loss is {loss.item()} at step {step} (micro-batch {a}); the batch was saved to "
-                            f"{Path(out_dir or '.') / 'nan_batch.safetensors'}. Lower the lr or check the inputs")
-                    acc.backward(loss / cfg.grad_accum)
-                total += loss.item() / cfg.grad_accum
-                for k, v in metrics.items(): logged[k] = logged.get(k, 0.0) + float(v) / cfg.grad_accum
-            gn = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+                        stop(f"loss is {loss.item()} (micro-batch {a})", batch, "Lower the lr or check the inputs")
+                    acc.backward(loss / cfg.grad_accum if count_fn is None else loss * w)
+                total += loss.item() * w / world
+                for k, v in metrics.items(): logged[k] = logged.get(k, 0.0) + float(v) / (cfg.grad_accum * world)
+            gn = float(acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+            red = acc.reduce(torch.tensor([total, *logged.values()], dtype=torch.float64, device=acc.device), "sum").tolist()
+            total, logged = red[0], dict(zip(logged, red[1:]))
+            if not math.isfinite(gn):
+                stop(f"the gradient norm is {gn} (the loss, {total:.4g}, is finite)", batch,
+                     "No update was applied. Lower the lr, or look for log(0) / division by 0 in loss_fn")
             opt.step(); opt.zero_grad(set_to_none=True)
-            total = acc.reduce(torch.tensor(total, device=acc.device), "mean").item()
+            with torch.no_grad(): finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+            if not finite:
+                raise FloatingPointError(f"parameters became non-finite in optimiser step {step + 1} (lr {lr:.3g}, "
+                                         f"gradient norm {gn:.3g}): the update overflowed. Lower the lr or set "
+                                         "max_grad_norm; the last checkpoint in out_dir, if any, predates this step")
+            zero_steps = zero_steps + 1 if gn == 0 and total != 0 else 0
             step += 1
-            history.append({"step": step, "loss": total, "lr": lr_at(step - 1, cfg),
-                            "grad_norm": None if gn is None else float(gn), **logged})
+            history.append({"step": step, "loss": total, "lr": lr, "grad_norm": gn, **logged})
+            if zero_steps >= ZERO_GRAD_PATIENCE:
+                with torch.no_grad(): big = max(p.abs().max().item() for p in params)
+                raise FloatingPointError(
+                    f"the gradient has been exactly 0 for {zero_steps} steps (to step {step}) while the loss is "
+                    f"{total:.4g}: training has stalled. Usually the model saturated after too large an update (the "
+                    f"largest |parameter| is now {big:.3g}; lr {lr:.3g}): lower the lr. Otherwise loss_fn does not "
+                    "depend on the trainable parameters")
             bar.update(1); bar.set_postfix(loss=f"{total:.4f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps: run_eval()
             if cfg.save_every and step % cfg.save_every == 0: save()
@@ -497,7 +707,7 @@ def train_loop(model, # the model to train; only parameters with requires_grad a
         save()
     finally:
         bar.close()
-    return TrainResult(history, evals, step, time.perf_counter() - t0, tokens)
+    return TrainResult(history, evals, step, time.perf_counter() - t0, tokens, start)
 
 def _dump_bad_batch(out_dir, batch, step):
     if not isinstance(batch, dict): return
@@ -511,13 +721,41 @@ def add_lora(model, # a Hugging Face causal LM
              dropout:float=0.0, # dropout on the adapter input
              target_modules:str|list="all-linear", # which linear layers get adapters
              adapter_name:str="default", # peft name of the adapter (several can live on one model)
+             seed:int|None=None, # seed torch before the adapter's random init (same seed, same adapter)
             ):
-    "Wrap `model` with trainable LoRA adapters (peft); base weights are frozen."
+    "Wrap `model` with trainable LoRA adapters (peft); base weights are frozen. Pass `seed` for a reproducible init."
     from peft import LoraConfig, get_peft_model
     if r < 1: raise ValueError(f"LoRA rank r must be >= 1, got {r}")
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                      task_type="CAUSAL_LM")
     import warnings
+    if seed is not None: torch.manual_seed(seed)  # peft draws A (kaiming) from torch's global generator
     with warnings.catch_warnings():  # peft calls a transformers property that transformers 5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, cfg, adapter_name=adapter_name)
+
+def export_model(model, # a trained causal LM, plain or with peft LoRA adapters
+                 tokenizer, # its tokenizer (saved beside the weights)
+                 path:str|Path, # the folder to write; replaced atomically if it exists
+                 merge:bool=True, # fold LoRA into the weights (False: save the peft adapter only)
+                ) -> Path:
+    "Write a `from_pretrained` folder (safetensors + config + tokenizer), atomically; the model passed in is left as it was."
+    import copy, shutil
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        peft = hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+        if peft and merge:  # merge a copy, so the caller's model keeps its adapters
+            out = copy.deepcopy(model).merge_and_unload()
+            for p in out.parameters(): p.requires_grad_(True)
+        else: out = model
+        out.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists(): os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists(): shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_docs.ipynb #67a8dd35
 from __future__ import annotations
-import ast, copy, json, os, re, shutil, subprocess, sys, tempfile, warnings
+import ast, copy, importlib, inspect, json, os, re, shutil, subprocess, sys, tempfile, warnings
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -19,8 +19,10 @@ from nbdev.processors import FilterDefaults, exec_show_docs
 from nbdev.serve import proc_nbs
 
 # %% auto #0
-__all__ = ['proc_notebooks', 'clean_nb', 'relink_nb', 'mathjax_dir', 'copy_mathjax', 'sphinx_conf', 'project_notebooks',
-           'site_notebooks', 'build_site', 'broken_links', 'write_readme', 'main']
+__all__ = ['proc_notebooks', 'fix_display_math', 'scrub_text', 'param_table', 'api_doc', 'clean_nb', 'site_prefixes',
+           'heading_ids', 'relink_nb', 'npm_package', 'mathjax_dir', 'copy_mathjax', 'copy_widget_js', 'sphinx_conf',
+           'project_notebooks', 'site_notebooks', 'sidebar_sections', 'build_site', 'broken_links', 'write_readme',
+           'main']
 
 # %% ../nbs/99_docs.ipynb #7c59c40d
 _EXPORTS = {"export", "exports", "exporti", "exec_doc"}
@@ -77,14 +79,108 @@ def proc_notebooks(nbs:str|Path|None=None, # notebooks folder; None reads `nbs_p
             finally: os.environ.pop("IN_TEST", None)
     return cache, failed
 
-# %% ../nbs/99_docs.ipynb #d9be3868
+# %% ../nbs/99_docs.ipynb #30f6b4b4
 _FRONTMATTER = re.compile(r"^---\n(.*?)\n---$", re.S)
 _QUARTO_ATTRS = re.compile(r'\{target="_blank"[^}]*\}')
 _HIDE_INPUT = re.compile(r"^#\|\s*(echo:\s*false|output:\s*asis)\s*$", re.M | re.I)
 _DIRECTIVE = re.compile(r"^#\|.*(\n|$)", re.M)
+_FENCE = re.compile(r"^\s*(```|~~~)")
 
 def _text(x): return "".join(x) if isinstance(x, list) else (x or "")
 
+def fix_display_math(md:str, # markdown text
+                    ) -> str: # the same text with every `$$` display block set off by blank lines
+    "Put a blank line before and after each `$$` display block, so that MyST parses it as math, not as paragraph text."
+    out, in_code, in_math, lines = [], False, False, md.split("\n")
+    def blank_before():
+        if out and out[-1].strip(): out.append("")
+    def blank_after(i):
+        if i + 1 < len(lines) and lines[i + 1].strip(): out.append("")
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if not in_math and _FENCE.match(line): in_code = not in_code
+        if in_code: out.append(line); continue
+        if not in_math and s.startswith("$$"):
+            blank_before(); out.append(line)
+            if len(s) > 2 and s.endswith("$$"): blank_after(i)   # `$$ x $$` on one line
+            else: in_math = True
+        elif in_math and s.endswith("$$"):
+            out.append(line); in_math = False; blank_after(i)
+        else: out.append(line)
+    return "\n".join(out)
+
+# %% ../nbs/99_docs.ipynb #04ce44e0
+_PY_WARNING = re.compile(r"^\S*\.py:\d+: \w*Warning: ")
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/(?:tmp|work|root|home|Users|opt|usr|var|private|mnt)/[^\s'\"<>)\]]*")
+
+def scrub_text(text:str, # a stream or text/plain output
+               stderr:bool=False, # also drop Python warnings and lines from installed packages
+              ) -> str: # the text a reader should see
+    "Hide what the builder's machine printed: absolute paths become `…/name`; on stderr, warnings and library noise go."
+    out, skip = [], False
+    for line in text.splitlines(keepends=True):
+        if stderr:
+            if _PY_WARNING.match(line): skip = True; continue        # the warning's own line ...
+            if skip and line[:1] in (" ", "\t"): continue            # ... and the source line it quotes
+            skip = False
+            if "site-packages" in line or "dist-packages" in line: continue
+        out.append(_ABS_PATH.sub(lambda m: "…/" + m[0].rstrip("/").rsplit("/", 1)[-1], line))
+    return "".join(out)
+
+# %% ../nbs/99_docs.ipynb #472d8ccf
+_SHOW_DOC = re.compile(r"^(?:---\s*\n)?\s*(?:\[source\]\((?P<src>[^)]*)\)(?:\{[^}]*\})?\s*\n)?\s*"
+                       r"(?P<h>#{2,4}) (?P<name>[\w.]+)[ \t]*(?:\n|$)")
+
+def _documented(src, name):
+    "The object a `show_doc` output documents, found from its source link's module path; None if it can't be."
+    src = src or ""
+    m = re.match(r"(posttrain_nb(?:/\w+)+)\.py", src[max(src.rfind("posttrain_nb/"), 0):])
+    if not m: return None
+    try: obj = importlib.import_module(m[1].replace("/", "."))
+    except Exception: return None
+    for part in name.split("."): obj = getattr(obj, part, None)
+    return obj
+
+def _md_escape(s:str) -> str: # escape * outside `code`, so `**options` is not read as emphasis (an intraword _ never is)
+    return "`".join(p if i % 2 else p.replace("*", "\\*") for i, p in enumerate(s.split("`")))
+
+def _cell(x) -> str: return str(x).replace("|", "\\|").replace("\n", " ")
+
+def _type_name(a) -> str:
+    if a is None or a is inspect.Parameter.empty: return ""
+    return a if isinstance(a, str) else getattr(a, "__name__", str(a))
+
+def param_table(obj, # a function, method or class (dataclasses included)
+               ) -> str: # a markdown table, '' if `obj` has no documented parameters
+    "The parameters of `obj` as a table: name, type, default and its docment (the comment beside it in the source)."
+    from fastcore.docments import docments
+    try: d = dict(docments(obj, full=True))
+    except Exception: return ""
+    ret, rows = d.pop("return", None), []
+    for name, p in d.items():
+        if name == "self": continue
+        kind = p.get("kind")
+        star = "*" if kind == inspect.Parameter.VAR_POSITIONAL else "**" if kind == inspect.Parameter.VAR_KEYWORD else ""
+        default = "" if p["default"] is inspect.Parameter.empty else f"`{p['default']!r}`"
+        rows.append(f"| `{star}{name}` | {_cell(_type_name(p['anno']))} | {_cell(default)} | "
+                    f"{_cell(_md_escape(p['docment'] or ''))} |")
+    if ret and (ret.get("docment") or _type_name(ret.get("anno")) not in ("", "None")):
+        rows.append(f"| **returns** | {_cell(_type_name(ret['anno']))} | | {_cell(_md_escape(ret['docment'] or ''))} |")
+    return "| | type | default | details |\n|---|---|---|---|\n" + "\n".join(rows) if rows else ""
+
+def api_doc(md:str, # the markdown of a `show_doc` output
+           ) -> str: # the same entry for the site
+    "A `show_doc` entry for the site: no source link, `class` for classes, the docstring escaped, a parameter table."
+    m = _SHOW_DOC.match(md)
+    if not m: return md
+    obj, body = _documented(m["src"], m["name"]), md[m.end():].strip("\n")
+    if inspect.isclass(obj):   # nbdev shows a class's __init__ as `def Name(...)->None`
+        body = re.sub(r"^```python\ndef ", "```python\nclass ", body, count=1).replace(")->None:\n```", "):\n```", 1)
+    body = re.sub(r"\n\*(.+)\*\s*$", lambda d: "\n*" + _md_escape(d[1]) + "*", body, flags=re.S)
+    table = param_table(obj) if obj is not None else ""
+    return "\n\n".join(x for x in (f"{m['h']} {m['name']}", body, table) if x)
+
+# %% ../nbs/99_docs.ipynb #25864a4c
 def clean_nb(nb:dict, # a notebook written by `proc_nbs`, as `json.load` reads it
             ) -> tuple: # (page name from the frontmatter's `output-file`, or None; a valid nbformat notebook)
     "Turn a Quarto-flavoured processed notebook into nbformat that myst-nb and nbconvert read."
@@ -101,15 +197,24 @@ def clean_nb(nb:dict, # a notebook written by `proc_nbs`, as `json.load` reads i
             if fm.get("description"): head += f"\n\n> {fm['description']}"
             if head: cells.append(nbformat.v4.new_markdown_cell(head.strip()))
             continue
-        if c.cell_type == "markdown": src = _QUARTO_ATTRS.sub("", src)
+        if c.cell_type == "markdown": src = fix_display_math(_QUARTO_ATTRS.sub("", src))
         if c.cell_type == "code":
             if _HIDE_INPUT.search(src) and "remove-input" not in c.metadata.get("tags", []):
                 c.metadata.setdefault("tags", []).append("remove-input")
             src = _DIRECTIVE.sub("", src).strip("\n")
+            outs = []
             for o in c.get("outputs", []):
-                if "text/markdown" not in o.get("data", {}): continue
-                md = _QUARTO_ATTRS.sub("", _text(o["data"]["text/markdown"])).lstrip()
-                o["data"]["text/markdown"] = md[3:].lstrip("\n") if md.startswith("---") else md
+                if o.get("output_type") == "stream":
+                    o["text"] = scrub_text(_text(o.get("text")), stderr=o.get("name") == "stderr")
+                    if not o["text"].strip(): continue
+                data = o.get("data", {})
+                if "text/plain" in data: data["text/plain"] = scrub_text(_text(data["text/plain"]))
+                if "text/markdown" in data:
+                    md = _QUARTO_ATTRS.sub("", _text(data["text/markdown"])).lstrip()
+                    data["text/markdown"] = fix_display_math(api_doc(md[3:].lstrip("\n") if md.startswith("---") and
+                                                                     not _SHOW_DOC.match(md) else md))
+                outs.append(o)
+            if "outputs" in c: c.outputs = outs
         c.source = src
         if "id" not in c: c.id = nbformat.corpus.words.generate_corpus_id()
         cells.append(c)
@@ -117,41 +222,75 @@ def clean_nb(nb:dict, # a notebook written by `proc_nbs`, as `json.load` reads i
     nbformat.validate(nb)
     return page, nb
 
-# %% ../nbs/99_docs.ipynb #c4c7b333
-def _relink(md:str, prefix:str, pages:set) -> str:
-    pat = re.compile(r"\[([^\]]*)\]\(" + re.escape(prefix) + r"([\w.-]+)\.html(?:#([^)\s]*))?\)")
+# %% ../nbs/99_docs.ipynb #81abdf60
+def _relink(md:str, prefixes:list, pages:set, anchors:dict|None=None) -> str:
+    alts = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    pat = re.compile(r"\[([^\]]*)\]\((?:" + alts + r")([\w.-]+)\.html(?:#([^)\s]*))?\)")
     def sub(m):
         if m[2] not in pages: return m[0]
-        return f'<a href="{m[2]}.html' + (f"#{make_id(m[3])}" if m[3] else "") + f'">{m[1]}</a>'
+        frag = make_id(m[3]) if m[3] else ""
+        if frag and anchors is not None and frag not in anchors.get(m[2], ()): frag = ""  # no such heading: the page
+        return f'<a href="{m[2]}.html' + (f"#{frag}" if frag else "") + f'">{m[1]}</a>'
     return pat.sub(sub, md)
 
+def site_prefixes() -> list:
+    "URL prefixes under which notebooks link to this site's own pages: '/' and the published `doc_host`+`doc_baseurl`."
+    import tomllib
+    cfg, out = get_config(), ["/"]
+    raw = {}
+    if (cfg.config_path / "pyproject.toml").exists():
+        raw = tomllib.loads((cfg.config_path / "pyproject.toml").read_text()).get("tool", {}).get("nbdev", {})
+    for host, base in ((cfg.get("doc_host"), cfg.get("doc_baseurl")), (raw.get("doc_host"), raw.get("doc_baseurl"))):
+        if host: out.append(host.rstrip("/") + "/" + "".join(f"{b}/" for b in [(base or "").strip("/")] if b))
+    return list(dict.fromkeys(out))
+
+_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
+
+def heading_ids(nb, # a notebook from `clean_nb`
+               ) -> set: # the anchor ids Sphinx gives its headings
+    "Anchor ids of the headings in a notebook's markdown cells and markdown outputs (`show_doc` entries included)."
+    texts = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    texts += [o.data["text/markdown"] for c in nb.cells for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
+    return {make_id(re.sub(r"[`*]|\[([^\]]*)\]\([^)]*\)", r"\1", h)) for t in texts for h in _HEADING.findall(t)}
+
 def relink_nb(nb, # a notebook from `clean_nb`; changed in place
-              prefix:str, # the URL prefix nbdev writes, `doc_host` + `doc_baseurl`: '/' or 'https://me.github.io/proj/'
+              prefix:str|list, # URL prefix(es) of the site's pages: '/', 'https://me.github.io/proj/', ...
               pages:set, # the site's page names
+              anchors:dict|None=None, # {page: heading ids}; a link to a missing heading then goes to the page
              ):
     "Make links to this site's pages relative, in markdown cells and markdown outputs."
+    prefixes = [prefix] if isinstance(prefix, str) else list(prefix)
     for c in nb.cells:
-        if c.cell_type == "markdown": c.source = _relink(c.source, prefix, pages)
+        if c.cell_type == "markdown": c.source = _relink(c.source, prefixes, pages, anchors)
         for o in c.get("outputs", []):
-            if "text/markdown" in o.get("data", {}): o.data["text/markdown"] = _relink(o.data["text/markdown"], prefix, pages)
+            if "text/markdown" in o.get("data", {}):
+                o.data["text/markdown"] = _relink(o.data["text/markdown"], prefixes, pages, anchors)
     return nb
 
-# %% ../nbs/99_docs.ipynb #77d38b9e
+# %% ../nbs/99_docs.ipynb #aefb44e4
+_NPM_CACHE = "~/.cache/posttrain_nb/npm"
 _MATHJAX_PARTS = ("tex-chtml-full.js", "input", "output", "ui", "a11y", "adaptors")
 
-def mathjax_dir(cache:str|Path="~/.cache/posttrain_nb/npm", # where `npm install` puts `node_modules`; reused
-               ) -> Path: # the `es5` folder of the `mathjax@3` npm package
-    "MathJax 3 from npm, installed once into `cache`."
+def npm_package(spec:str, # what `npm install` gets, e.g. 'mathjax@3'
+                probe:str, # a file under node_modules that exists once it is installed
+                cache:str|Path=_NPM_CACHE, # where `npm install` puts `node_modules`; reused
+               ) -> Path: # the cache's `node_modules` folder
+    "Install an npm package once into `cache` (the only step of the build that needs the network)."
     cache = Path(cache).expanduser()
-    es5 = cache / "node_modules" / "mathjax" / "es5"
-    if (es5 / "tex-chtml-full.js").exists(): return es5
+    if (cache / "node_modules" / probe).exists(): return cache / "node_modules"
     npm = shutil.which("npm")
     if npm is None:
-        raise RuntimeError("posttrain-docs needs npm once, to fetch MathJax 3 (`npm install mathjax@3`): install "
-                           "Node.js and npm (e.g. `apt-get install -y npm`) and run it again.")
+        raise RuntimeError(f"posttrain-docs needs npm once, to fetch {spec} (`npm install {spec}`): install Node.js and "
+                           "npm (e.g. `apt-get install -y npm`) and run it again.")
     cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([npm, "install", "--prefix", str(cache), "--no-audit", "--no-fund", "mathjax@3"], check=True)
-    return es5
+    subprocess.run([npm, "install", "--prefix", str(cache), "--no-audit", "--no-fund", spec], check=True,
+                   stdout=subprocess.DEVNULL)
+    return cache / "node_modules"
+
+def mathjax_dir(cache:str|Path=_NPM_CACHE, # where `npm install` puts `node_modules`; reused
+               ) -> Path: # the `es5` folder of the `mathjax@3` npm package
+    "MathJax 3 from npm, installed once into `cache`."
+    return npm_package("mathjax@3", "mathjax/es5/tex-chtml-full.js", cache) / "mathjax" / "es5"
 
 def copy_mathjax(static:Path, # the site's `_static` source folder
                 ):
@@ -162,27 +301,59 @@ def copy_mathjax(static:Path, # the site's `_static` source folder
         if (es5 / part).is_dir(): shutil.copytree(es5 / part, dst / part, dirs_exist_ok=True)
         else: shutil.copy2(es5 / part, dst / part)
 
-# %% ../nbs/99_docs.ipynb #0e1148d5
+def copy_widget_js(static:Path, # the site's `_static` source folder
+                   extra:Path, # a folder whose contents Sphinx copies to the site's root (`html_extra_path`)
+                  ):
+    "Copy require.js and the Jupyter widgets HTML manager into the site, so saved widget state renders offline."
+    npm_package("requirejs@2", "requirejs/require.js")
+    mods = npm_package("@jupyter-widgets/html-manager@1", "@jupyter-widgets/html-manager/dist/embed-amd.js")
+    dist = mods / "@jupyter-widgets" / "html-manager" / "dist"
+    dst = Path(static) / "widgets"; dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(mods / "requirejs" / "require.js", dst / "require.js")
+    shutil.copy2(dist / "embed-amd.js", dst / "embed-amd.js")
+    fonts = Path(extra) / "@jupyter-widgets" / "html-manager" / "dist"   # the bundle asks for its icon fonts there,
+    fonts.mkdir(parents=True, exist_ok=True)                              # relative to the page
+    for f in dist.iterdir():
+        if f.suffix in (".woff", ".woff2", ".ttf", ".eot", ".svg"): shutil.copy2(f, fonts / f.name)
+
+# %% ../nbs/99_docs.ipynb #5a03687f
 _CONF = '''# Generated by posttrain-docs (posttrain_nb.docs): Sphinx + myst-nb over nbdev's processed notebooks.
 project = html_title = {title!r}
+author = copyright = {author!r}
 extensions = ["myst_nb"]
 root_doc = "index"
 nb_execution_mode = "off"
+nb_render_markdown_format = "myst"   # markdown outputs (API entries) get tables and math too
 myst_enable_extensions = ["dollarmath", "amsmath"]
 mathjax_path = "mathjax/tex-chtml-full.js"
+# no crossorigin attribute: from file:// it makes the browser refuse the script
+nb_ipywidgets_js = {{"widgets/require.js": {{}}, "widgets/embed-amd.js": {{}}}}
 html_theme = "sphinx_book_theme"
-html_theme_options = {{"home_page_in_toc": True, "show_toc_level": 2}}
-html_static_path = ["_static"]
-html_copy_source = html_show_sourcelink = False
+html_theme_options = {{"home_page_in_toc": True, "show_toc_level": 2, "use_download_button": True}}
+html_static_path, html_extra_path = ["_static"], ["_extra"]
+html_css_files = ["custom.css"]
+html_copy_source, html_show_sourcelink, html_sourcelink_suffix = True, False, ""
 suppress_warnings = ["mystnb.unknown_mime_type", "misc.highlighting_failure"]
 '''
 
+_CSS = '''/* posttrain_nb: a wider text column; wide code, outputs and equations scroll instead of being clipped */
+.bd-page-width {{ max-width: 96rem; }}
+.bd-main .bd-content .bd-article-container {{ max-width: 62rem; }}
+div.cell_output, div.output, div.cell_input {{ max-width: 100%; overflow-x: auto; }}
+div.cell_output pre {{ overflow-x: auto; }}
+div.math, mjx-container[display="true"] {{ max-width: 100%; overflow-x: auto; overflow-y: hidden; }}
+div.cell_output img {{ max-width: 100%; height: auto; }}
+div.cell_output table, article table {{ display: block; max-width: 100%; overflow-x: auto; }}
+p.download-notebook {{ font-size: 0.9em; }}
+'''
+
 def sphinx_conf(title:str, # the site's title
+                author:str="posttrain_nb contributors", # shown in the footer
                ) -> str: # the text of `conf.py`
     "The Sphinx `conf.py` of the offline site."
-    return _CONF.format(title=title)
+    return _CONF.format(title=title, author=author)
 
-# %% ../nbs/99_docs.ipynb #f5b53e2b
+# %% ../nbs/99_docs.ipynb #962bac52
 def project_notebooks(nbs:str|Path|None=None, # notebooks folder; None reads the project's nbdev settings
                      ) -> Path: # the notebooks folder, checked to hold index.ipynb
     "The project's notebooks folder, or a clear error when the command is not run inside an nbdev project."
@@ -201,57 +372,107 @@ def site_notebooks(nbs:str|Path|None=None, # notebooks folder; None reads pyproj
                    force:bool=False, # passed to `proc_notebooks`
                    strict:bool=False, # passed to `proc_notebooks`
                   ) -> dict: # {page name: clean notebook}, index first, then chapters by file name
-    "Process, clean and relink every notebook, in reading order."
-    cfg = get_config()
+    "Process, clean and relink every notebook, in reading order; each keeps its file name in `metadata.source_file`."
     nbs = project_notebooks(nbs)
     cache, _ = proc_notebooks(nbs, force=force, strict=strict)
     pages = {}
     for f in sorted(_notebooks(nbs), key=lambda f: (f.name != "index.ipynb", f.name)):
         page, nb = clean_nb(json.loads((cache / f.name).read_text()))
+        nb.metadata["source_file"] = f.name
         pages[page or nbpath2html(f).stem] = nb
-    prefix = (cfg.doc_host or "") + (cfg.doc_baseurl or "/")
-    for nb in pages.values(): relink_nb(nb, prefix.rstrip("/") + "/", set(pages))
+    anchors = {p: heading_ids(nb) for p, nb in pages.items()}
+    for nb in pages.values(): relink_nb(nb, site_prefixes(), set(pages), anchors)
     return pages
+
+def sidebar_sections(nbs:str|Path, # notebooks folder holding `sidebar.yml`
+                    ) -> list: # [(part heading, [notebook file names])], in course order; [] without a sidebar
+    "The course's parts, as `sidebar.yml` lists them."
+    f = Path(nbs) / "sidebar.yml"
+    if not f.exists(): return []
+    items = ((yaml.safe_load(f.read_text()) or {}).get("website") or {}).get("sidebar", {}).get("contents", [])
+    return [(it["section"], list(it.get("contents") or [])) for it in items if isinstance(it, dict) and "section" in it]
+
+def _toctrees(pages:dict, sections:list) -> str:
+    "One hidden toctree per part, so the sidebar shows the part headings; pages in no part come last."
+    by_file = {nb.metadata.get("source_file"): p for p, nb in pages.items()}
+    placed, blocks = {"index"}, []
+    for caption, files in sections:
+        names = [by_file[f] for f in files if f in by_file and by_file[f] not in placed]
+        placed.update(names)
+        if names: blocks.append(f"```{{toctree}}\n:caption: {caption}\n:hidden:\n\n" + "\n".join(names) + "\n```")
+    rest = [p for p in pages if p not in placed]
+    if rest: blocks.append("```{toctree}\n:caption: more\n:hidden:\n\n" + "\n".join(rest) + "\n```")
+    return "\n\n".join(blocks)
+
+def _write_if_changed(path:Path, data:bytes):
+    "Write only what changed, so that Sphinx's incremental build re-reads only those pages."
+    if not path.exists() or path.read_bytes() != data:
+        path.parent.mkdir(parents=True, exist_ok=True); path.write_bytes(data)
 
 def build_site(out:str|Path="_docs", # the site folder; a relative path is under the project root
                nbs:str|Path|None=None, # notebooks folder; None reads pyproject.toml
-               force:bool=False, # reprocess every notebook
+               force:bool=False, # reprocess every notebook and rebuild every page
                strict:bool=False, # fail when nbdev cannot process a notebook
+               cache:str|Path="_docs_cache", # Sphinx sources and doctrees kept between builds (relative: project root)
               ) -> Path: # the site folder: open its `index.html`
-    "Build the documentation site offline with Sphinx, myst-nb and a local MathJax 3."
+    "Build the documentation site offline with Sphinx, myst-nb, a local MathJax 3 and the widgets manager."
+    from filelock import FileLock
     cfg = get_config()
-    pages = site_notebooks(nbs, force=force, strict=strict)  # refuses first when not inside a project
-    out = cfg.config_path / out
-    toc = "\n".join(p for p in pages if p != "index")
-    pages["index"].cells.append(nbformat.v4.new_markdown_cell(f"```{{toctree}}\n:hidden:\n\n{toc}\n```"))
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "src"
-        copy_mathjax(src / "_static")
-        for page, nb in pages.items(): nbformat.write(nb, src / f"{page}.ipynb")
-        (src / "conf.py").write_text(sphinx_conf(cfg.get("title") or cfg.lib_name))
-        if (out / ".buildinfo").exists(): shutil.rmtree(out)  # only ever delete a previous Sphinx build
-        subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "-d", str(Path(tmp) / "doctrees"),
-                        str(src), str(out)], check=True)
+    nbs = project_notebooks(nbs)   # refuses first when not inside a project
+    out, cache = cfg.config_path / out, cfg.config_path / cache
+    pages = site_notebooks(nbs, force=force, strict=strict)
+    pages["index"].cells.append(nbformat.v4.new_markdown_cell(_toctrees(pages, sidebar_sections(nbs))))
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache) + ".lock"):
+        src, doctrees = cache / "src", cache / "doctrees"
+        if force: shutil.rmtree(src, ignore_errors=True); shutil.rmtree(doctrees, ignore_errors=True)
+        static = src / "_static"
+        if not (static / "mathjax" / "tex-chtml-full.js").exists(): copy_mathjax(static)
+        if not (static / "widgets" / "embed-amd.js").exists(): copy_widget_js(static, src / "_extra")
+        _write_if_changed(static / "custom.css", _CSS.format().encode())
+        for page, nb in pages.items():
+            name = nb.metadata.get("source_file")
+            if page != "index" and name:   # a link to the chapter's own notebook, to run it locally
+                _write_if_changed(static / "notebooks" / name, (nbs / name).read_bytes())
+                nb.cells.insert(1, nbformat.v4.new_markdown_cell(
+                    f'<p class="download-notebook">Run this chapter yourself: <a href="_static/notebooks/{name}" '
+                    f'download>download the notebook</a> (<code>nbs/{name}</code> in the repository).</p>'))
+            _write_if_changed(src / f"{page}.ipynb", nbformat.writes(nb).encode())
+        for old in src.glob("*.ipynb"):
+            if old.stem not in pages: old.unlink()
+        _write_if_changed(src / "conf.py", sphinx_conf(cfg.get("title") or cfg.lib_name).encode())
+        subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "-d", str(doctrees), str(src), str(out)],
+                       check=True)
     (out / ".nojekyll").touch()
     return out
 
-# %% ../nbs/99_docs.ipynb #d2d6c46a
+# %% ../nbs/99_docs.ipynb #fe014b84
 class _Links(HTMLParser):
-    "Collects the `href` and `src` attributes of an HTML page (not text that merely looks like one)."
-    def __init__(self): super().__init__(); self.links = []
-    def handle_starttag(self, tag, attrs): self.links += [v for k, v in attrs if k in ("href", "src") and v]
+    "Collects the `href` and `src` attributes of an HTML page (not text that merely looks like one), and its ids."
+    def __init__(self): super().__init__(); self.links, self.ids = [], set()
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("href", "src") and v]
+        self.ids |= {v for k, v in attrs if k in ("id", "name") and v}
+
+def _parse(page:Path):
+    p = _Links(); p.feed(page.read_text(errors="replace")); return p
 
 def broken_links(site:str|Path, # a built site folder
-                ) -> list: # (page, link) for each relative link whose file is missing
-    "Relative links in the site's HTML pages that point at no file."
-    site, bad = Path(site), []
+                ) -> list: # (page, link) for each relative link whose file, or whose #anchor in it, is missing
+    "Relative links in the site's HTML pages that point at no file, or at an anchor the target page lacks."
+    site, bad, parsed = Path(site), [], {}
+    def get(p):
+        if p not in parsed: parsed[p] = _parse(p)
+        return parsed[p]
     for page in sorted(site.rglob("*.html")):
-        if page.relative_to(site).parts[0] == "_static": continue
-        p = _Links(); p.feed(page.read_text(errors="replace"))
-        for link in p.links:
+        if page.relative_to(site).parts[0] in ("_static", "_sources"): continue
+        for link in get(page).links:
             parts = urlsplit(link)
-            if parts.scheme or parts.netloc or not parts.path: continue
-            if not (page.parent / unquote(parts.path)).exists(): bad.append((str(page.relative_to(site)), link))
+            if parts.scheme or parts.netloc: continue
+            target = (page.parent / unquote(parts.path)) if parts.path else page
+            if not target.exists(): bad.append((str(page.relative_to(site)), link)); continue
+            if parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in get(target).ids:
+                bad.append((str(page.relative_to(site)), link))
     return bad
 
 # %% ../nbs/99_docs.ipynb #9f42aba1
