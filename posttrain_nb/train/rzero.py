@@ -286,8 +286,11 @@ def run_rzero(challenger, # the Challenger to start from (pre-trained on stateme
     ccfg = dataclasses.replace(challenger_cfg or GRPOConfig(prompts_per_step=2, num_generations=8, temperature=0.7,
                                                             max_completion_length=72, lr=5e-5), steps=challenger_steps)
     scfg = dataclasses.replace(solver_cfg or GRPOConfig(prompts_per_step=4, num_generations=8, lr=5e-5), steps=solver_steps)
-    test = (lambda model: evaluate(model, tokenizer, test_items)["accuracy"]) if test_items else (lambda model: None)
-    hist = [{"round": 0, "test_accuracy": test(sv)}]
+    def test(model):  # held-out accuracy and the per-item outcomes (for paired comparisons between rounds)
+        if not test_items: return {"test_accuracy": None, "test_correct": None}
+        e = evaluate(model, tokenizer, test_items)
+        return {"test_accuracy": e["accuracy"], "test_correct": e["correct"]}
+    hist = [{"round": 0, **test(sv)}]
     for r in range(1, iterations + 1):
         s = seed * 1000 + r
         frozen = sv.eval()
@@ -308,7 +311,7 @@ def run_rzero(challenger, # the Challenger to start from (pre-trained on stateme
                        pseudo_label_accuracy=float(np.mean([l == g for l, g in lab])) if lab else None)
         sv, sres = train_grpo(sv, tokenizer, solver_rows(d.items), solver_reward, dataclasses.replace(scfg, seed=s),
                               progress=progress)
-        row.update(solver_reward=[h["reward"] for h in sres.history], test_accuracy=test(sv.eval()))
+        row.update(solver_reward=[h["reward"] for h in sres.history], **test(sv.eval()))
         hist.append(row)
     return ch, sv, hist
 
