@@ -171,7 +171,7 @@ def user_text(prompt, # a string, a task item, a conversation or a TRL row with 
         if users: return users[-1]
     raise ValueError(f"no user message in {str(prompt)[:80]}")
 
-# %% ../nbs/03_data.ipynb #ed10ee35
+# %% ../nbs/03_data.ipynb #9a4b37ce
 def prompt_rows(prompts:list, # strings (user messages), TRL rows ({'prompt': str or messages, ...}) or dataclass items with .prompt
                ) -> list: # TRL prompt-only rows: dicts with 'prompt' and the same other columns in every row
     "A prompt pool as TRL prompt-only rows for online trainers (PPO, GRPO); a dataclass item (ArithItem) brings its fields."

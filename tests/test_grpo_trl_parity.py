@@ -7,7 +7,8 @@ trl = pytest.importorskip("trl")
 from posttrain_nb import zoo
 from posttrain_nb.tasks import ArithTask
 from posttrain_nb.train.grpo import (group_advantages, grpo_loss, accuracy_reward, format_reward, rollout,
-                                     score_completions, _completion_logprobs, _collate, _render)
+                                     score_completions, _completion_logprobs, _collate)
+from posttrain_nb.data import render_prompt
 
 G, WEIGHTS = 4, [1.0, 0.1]
 
@@ -15,7 +16,7 @@ def make_setup():
     base, tok = zoo.load("base")
     items = ArithTask().sample(3, seed=5, split="train")
     rows = [{"prompt": [{"role": "user", "content": it.prompt}], "answer": it.answer} for it in items]
-    texts = [_render(tok, r["prompt"]) for r in rows]
+    texts = [render_prompt(tok, r["prompt"]) for r in rows]
     p_ids, c_ids = rollout(base, tok, texts, n=G, max_new_tokens=40, temperature=1.0, seed=11, backend="generate")
     # make the groups informative whatever the samples were: one gold answer and one garbled one per group
     c_ids[0] = tok(items[0].solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
