@@ -101,3 +101,15 @@ def test_preference_rows_orientation():
     assert len(rows) == 2 and all(r["chosen"][0]["content"] == right for r in rows)
     assert all(r["rejected"][0]["content"] == wrong for r in rows)
     with pytest.raises(ValueError, match="verdicts"): preference_rows(ps, w[:2])
+
+
+def test_rlaif_stage_runs_and_refuses_unknown_options():
+    "The registered stage trains on judge-labelled pairs; options are checked against its signature (no **kwargs)."
+    from posttrain_nb.pipeline import run_pipeline
+    import posttrain_nb.train.rlaif  # noqa: F401 (registers the stage)
+    st = run_pipeline(["rlaif"], n_test=8, progress=False,
+                      options={"rlaif": {"n_prompts": 24, "steps": 1, "batch_size": 4}})
+    row = st.rows[-1]
+    assert row["stage"] == "rlaif" and row["pairs"] > 0 and 0 <= row["judge_agreement"] <= 1
+    with pytest.raises(TypeError):
+        run_pipeline(["rlaif"], n_test=4, progress=False, options={"rlaif": {"no_such_option": 1}})

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import TrainConfig, generate, pad_sequences, render_prompts
+from ..core import (TrainConfig, encode_for_training, generate, pad_sequences, render_prompts,
+                               sequence_logprobs)
 from ..tasks import extract_answer, is_correct
 from .sft import train_sft
 from .dpo import train_dpo
@@ -231,7 +232,6 @@ def likelihood_margins(judge, # a causal LM whose likelihood is the feedback
                        batch_size:int=128, # pairs per forward pass
                       ) -> torch.Tensor: # [N] mean log pi(first|x) - mean log pi(second|x)
     "Pairwise preference from the judge's mean token log-likelihood of each response."
-    from posttrain_nb.core import encode_for_training, sequence_logprobs
     if not (len(prompts) == len(first) == len(second)):
         raise ValueError(f"got {len(prompts)} prompts, {len(first)} first and {len(second)} second responses")
     dev, was = next(judge.parameters()).device, judge.training
