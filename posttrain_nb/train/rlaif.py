@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import (TrainConfig, encode_for_training, generate, pad_sequences, render_prompts,
-                               sequence_logprobs)
+                               sequence_logprobs, pad_token_id)
 from ..tasks import extract_answer, is_correct
 from .sft import train_sft
 from .dpo import train_dpo
@@ -51,9 +51,6 @@ def choice_token_ids(tokenizer, # the judge's tokenizer
     return tuple(ids)
 
 # %% ../../nbs/24_rlaif.ipynb #57d35f54
-def _pad_id(tokenizer):
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
 @torch.no_grad()
 def judge_margins(judge, # a causal LM that answers judge prompts with a label token
                   tokenizer, # its tokenizer (with a chat template, if the judge was trained with one)
@@ -82,7 +79,7 @@ def judge_margins(judge, # a causal LM that answers judge prompts with a label t
     judge.eval(); margin, mass = [], []
     try:
         for s in range(0, n, batch_size):
-            x, am = pad_sequences(ids[s:s + batch_size], _pad_id(tokenizer), "left")
+            x, am = pad_sequences(ids[s:s + batch_size], pad_token_id(tokenizer), "left")
             pos = (am.cumsum(-1) - 1).clamp(min=0)
             logits = judge(input_ids=x.to(dev), attention_mask=am.to(dev), position_ids=pos.to(dev)).logits[:, -1]
             lp = logits.float().log_softmax(-1)
