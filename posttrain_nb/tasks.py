@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 # %% auto #0
 __all__ = ['SPLITS', 'LEVEL_NAMES', 'MAX_ERRORS', 'CORRUPTIONS', 'HELD_OUT_N', 'split_of', 'ArithItem', 'format_solution',
            'ArithTask', 'extract_answer', 'is_correct', 'StepError', 'Feedback', 'score_solution', 'corrupt_solution',
-           'to_prompt_completion', 'to_preference_pairs', 'evaluate', 'held_out', 'paired_difference']
+           'to_prompt_completion', 'to_preference_pairs', 'evaluate', 'held_out', 'paired_difference', 'accuracy_se',
+           'describe_difference']
 
 # %% ../nbs/01_tasks.ipynb #fbe1bd7d
 SPLITS = {"test": (0,), "val": (1,), "train": tuple(range(2, 10))}
@@ -363,3 +364,18 @@ def paired_difference(correct_a:list, # per-item 0/1 (or bool) outcomes of metho
     d = [float(a) - float(b) for a, b in zip(correct_a, correct_b)]
     m = sum(d) / len(d)
     return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+def accuracy_se(correct:list, # per problem: was it right? (bools or 0/1)
+               ) -> tuple: # (accuracy, its binomial standard error)
+    "Accuracy over problems and its standard error sqrt(p(1-p)/n)."
+    if len(correct) == 0: raise ValueError("accuracy_se got no problems")
+    p = sum(map(float, correct)) / len(correct)
+    return p, math.sqrt(p * (1 - p) / len(correct))
+
+def describe_difference(diff:float, # a difference of accuracies (A - B), as a fraction
+                        se:float, # its standard error
+                       ) -> str: # e.g. '+2.7 ± 2.0 points: within noise'
+    "The course's words for a difference: within noise up to 2 standard errors, else a clear gain or loss."
+    verdict = "within noise" if abs(diff) <= 2 * se else "a clear gain" if diff > 0 else "a clear loss"
+    return f"{100 * diff:+.1f} ± {100 * se:.1f} points: {verdict}"
+
