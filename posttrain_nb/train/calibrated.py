@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['parse_confidence', 'strip_confidence', 'ppo_c_reward', 'PPOCReward', 'with_confidence', 'confidence_quads',
-           'crm_loss', 'roc_auc']
+__all__ = ['CONFIDENCE_INSTRUCTION', 'parse_confidence', 'strip_confidence', 'ppo_c_reward', 'PPOCReward', 'with_confidence',
+           'confidence_quads', 'crm_loss', 'roc_auc', 'confidence_prompt', 'agreement_confidence', 'crm_pairs',
+           'confidence_sft_rows', 'verifier_pairs', 'conversational', 'standardised_rm_reward']
 
 # %% ../../nbs/52_calibrated.ipynb #7ba69da5
 _CONF = re.compile(r"Confidence:\s*(-?\d+(?:\.\d+)?)")
@@ -50,7 +51,9 @@ class PPOCReward:
         if not 0 < alpha <= 1: raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.score_fn, self.r_bar, self.alpha, self.w, self.clip = score_fn, float(r_bar), alpha, w, clip
 
-    def __call__(self, prompts:list, completions:list) -> list: # adjusted rewards, one per completion
+    def __call__(self, prompts:list, completions:list, **kwargs) -> list: # TRL's reward signature; adjusted rewards
+        "Score and adjust a batch. Token ids in kwargs are ignored: the RM scores the re-tokenised, stripped text."
+        completions = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # conversational rows
         stripped = [strip_confidence(c) for c in completions]
         raw = [min(self.clip, max(-self.clip, float(x))) for x in self.score_fn(prompts, stripped)]
         self.r_bar = self.alpha * (sum(raw) / len(raw)) + (1 - self.alpha) * self.r_bar  # before the adjustment
@@ -96,3 +99,128 @@ def roc_auc(confidences:Sequence[float], # c_i
     if len(set(y)) < 2: raise ValueError("AUC needs both right and wrong answers; all answers were " +
                                          ("right" if y and y[0] else "wrong"))
     return float(roc_auc_score(y, list(confidences)))
+
+# %% ../../nbs/52_calibrated.ipynb #7024a8a4
+CONFIDENCE_INSTRUCTION = " End with a line 'Confidence: s', s from 0 to 10."
+
+def confidence_prompt(prompt:str, # a task problem
+                     ) -> str: # the task variant's prompt
+    "The confidence variant of a problem: the problem plus the instruction to state a 0-10 confidence."
+    return prompt + CONFIDENCE_INSTRUCTION
+
+def agreement_confidence(answers:list, # final answers of one prompt's samples (None: no answer)
+                        ) -> list: # each sample's confidence target, an int in 0..10
+    "Label-free confidence targets: 10 x the share of the prompt's samples that reach the same answer, rounded half up (0 without an answer)."
+    if not answers: raise ValueError("agreement_confidence needs at least one sample")
+    n = len(answers)
+    return [0 if a is None else int(10 * sum(b == a for b in answers) / n + 0.5) for a in answers]
+
+def crm_pairs(quads:list, # rows from confidence_quads
+             ) -> list: # 2 preference rows per quad
+    "PPO-M's loss as preference rows: chosen_high over chosen_low, rejected_low over rejected_high. Bradley-Terry on them is half the CRM loss."
+    out = []
+    for q in quads:
+        out.append({"prompt": q["prompt"], "chosen": q["chosen_high"], "rejected": q["chosen_low"]})
+        out.append({"prompt": q["prompt"], "chosen": q["rejected_low"], "rejected": q["rejected_high"]})
+    return out
+
+# %% ../../nbs/52_calibrated.ipynb #61d756e2
+def confidence_sft_rows(model, # the causal LM whose own samples become the targets
+                        tokenizer, # its tokenizer
+                        items:list, # ArithItems (training split)
+                        n:int=4, # samples per problem
+                        seed:int=0, # sampling seed
+                       ) -> list: # TRL conversational prompt/completion rows, n per item
+    "SFT rows for the confidence variant: the model's own samples on the plain problem, each ending with its agreement confidence."
+    from posttrain_nb.core import generate
+    from posttrain_nb.tasks import extract_answer
+    g = generate(model, tokenizer, [it.prompt for it in items], max_new_tokens=48, temperature=1.0, n=n, seed=seed, batch_size=512)
+    rows = []
+    for k, it in enumerate(items):
+        outs = g.texts[n * k:n * k + n]
+        for text, s in zip(outs, agreement_confidence([extract_answer(t) for t in outs])):
+            rows.append({"prompt": [{"role": "user", "content": confidence_prompt(it.prompt)}],
+                         "completion": [{"role": "assistant", "content": with_confidence(text, s)}]})
+    return rows
+
+def verifier_pairs(model, # a causal LM that states confidences
+                   tokenizer, # its tokenizer
+                   items:list, # ArithItems (training split)
+                   n:int=4, # samples per problem
+                   seed:int=1, # sampling seed
+                  ) -> list: # string preference rows: prompt, chosen (right), rejected (wrong)
+    "Verifier-labelled pairs of the model's own samples on the confidence variant, each keeping the confidence it stated."
+    from posttrain_nb.core import generate
+    from posttrain_nb.tasks import is_correct
+    g = generate(model, tokenizer, [confidence_prompt(it.prompt) for it in items], max_new_tokens=64, temperature=1.0, n=n,
+                 seed=seed, batch_size=512)
+    rng, rows = random.Random(seed), []
+    for k, it in enumerate(items):
+        outs = [t for t in g.texts[n * k:n * k + n] if parse_confidence(t) is not None]
+        good, bad = [t for t in outs if is_correct(it, t)], [t for t in outs if not is_correct(it, t)]
+        if good and bad: rows.append({"prompt": confidence_prompt(it.prompt), "chosen": rng.choice(good), "rejected": rng.choice(bad)})
+    return rows
+
+def conversational(rows:list, # string rows (prompt plus response columns)
+                  ) -> list: # the same rows as chat messages
+    "String preference rows as TRL conversational rows, so the RM sees prompts rendered as in generation."
+    return [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             **{k: [{"role": "assistant", "content": v}] for k, v in r.items() if k != "prompt"}} for r in rows]
+
+def standardised_rm_reward(rm, # a reward model (chapter 20)
+                           policy, # the starting policy, whose samples set the scale
+                           tokenizer, # its tokenizer
+                           rows:list, # TRL prompt rows; the first 128 are rolled out once
+                           max_new_tokens:int=64, # response length cap of that rollout
+                          ) -> Callable: # rm_reward shifted by the mean and divided by the std of those scores
+    "A TRL reward function from `rm`, standardised on 128 of the starting policy's samples (so a running mean starts at 0)."
+    from posttrain_nb.train.ppo import PPOConfig, rm_reward, make_rollout, init_value_model
+    raw = rm_reward(rm, tokenizer)
+    calib = make_rollout(policy, tokenizer, rows[:128], raw, init_value_model(policy, tokenizer),
+                         PPOConfig(prompts_per_iter=min(128, len(rows)), minibatch_size=1, max_new_tokens=max_new_tokens),
+                         ref_model=policy, seed=1)
+    return rm_reward(rm, tokenizer, calib.scores.mean().item(), max(calib.scores.std().item(), 1e-6))
+
+# %% ../../nbs/52_calibrated.ipynb #b73966ad
+def _calibrated_stage(state, variant, iterations, prompts_per_iter, lr, kl_coef, n_rm_prompts, rm_steps, crm_steps, w, alpha,
+                      n_prompts):
+    from posttrain_nb.core import TrainConfig
+    from posttrain_nb.train.ppo import PPOConfig, train_ppo
+    from posttrain_nb.train.reward import reward_model_from_causal_lm, train_reward_model
+    tok = state.tokenizer
+    pairs = verifier_pairs(state.model, tok, state.task.sample(n_rm_prompts, seed=state.seed + 1, split="train"), seed=state.seed + 1)
+    if not pairs: raise ValueError("the model gave no right-and-wrong pair that states 'Confidence: s'; run a confidence "
+                                   "SFT warm-up first (confidence_sft_rows with train_sft, chapter 52)")
+    rm = reward_model_from_causal_lm(state.model, tok)
+    train_reward_model(rm, tok, conversational(pairs), TrainConfig(steps=rm_steps, batch_size=32, lr=1e-3, warmup_steps=10,
+                                                                   seed=state.seed), progress=state.progress)
+    if variant == "m":
+        quads = confidence_quads([{k: strip_confidence(v) for k, v in r.items()} for r in pairs], seed=state.seed)
+        train_reward_model(rm, tok, conversational(crm_pairs(quads)), TrainConfig(steps=crm_steps, batch_size=32, lr=3e-4,
+                           warmup_steps=5, seed=state.seed), progress=state.progress)
+    rm.eval()
+    rows = [{"prompt": confidence_prompt(it.prompt), "answer": it.answer}
+            for it in state.task.sample(n_prompts, seed=state.seed, split="train")]
+    f = standardised_rm_reward(rm, state.model, tok, rows)
+    if variant == "c": f = PPOCReward(f, r_bar=0.0, alpha=alpha, w=w)
+    cfg = PPOConfig(iterations=iterations, prompts_per_iter=prompts_per_iter, minibatch_size=min(16, prompts_per_iter), lr=lr,
+                    kl_coef=kl_coef, max_new_tokens=64, seed=state.seed)
+    res = train_ppo(state.model, tok, rows, f, cfg, progress=state.progress)
+    state.model = res.policy
+    last = [h for h in res.history if "score" in h][-1]
+    return {"rm_pairs": len(pairs), "score": last["score"], "kl": last["kl"], "sample_accuracy": last["sample_accuracy"]}
+
+def _ppo_m_stage(state, iterations:int=6, prompts_per_iter:int=32, lr:float=1e-4, kl_coef:float=0.05, n_rm_prompts:int=1500,
+                 rm_steps:int=60, crm_steps:int=40, n_prompts:int=3000):
+    "Pipeline stage: PPO-M. An RM on the model's own verifier-labelled samples, then the CRM loss, then PPO with it."
+    return _calibrated_stage(state, "m", iterations, prompts_per_iter, lr, kl_coef, n_rm_prompts, rm_steps, crm_steps, 0.0, 0.1,
+                             n_prompts)
+
+def _ppo_c_stage(state, iterations:int=6, prompts_per_iter:int=32, lr:float=1e-4, kl_coef:float=0.05, n_rm_prompts:int=1500,
+                 rm_steps:int=60, w:float=2.0, alpha:float=0.1, n_prompts:int=3000):
+    "Pipeline stage: PPO-C. An RM on the model's own verifier-labelled samples, its reward adjusted by w (r - r_bar)(c - 0.5)."
+    return _calibrated_stage(state, "c", iterations, prompts_per_iter, lr, kl_coef, n_rm_prompts, rm_steps, 0, w, alpha, n_prompts)
+
+from ..pipeline import register_stage
+register_stage("ppo_m", _ppo_m_stage, "PPO-M: PPO with a reward model trained on confidence-augmented pairs (needs a model that states 'Confidence: s')")
+register_stage("ppo_c", _ppo_c_stage, "PPO-C: PPO with the reward adjusted by the stated confidence (needs a model that states 'Confidence: s')")
