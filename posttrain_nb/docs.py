@@ -224,7 +224,8 @@ def clean_nb(nb:dict, # a notebook written by `proc_nbs`, as `json.load` reads i
 
 # %% ../nbs/99_docs.ipynb #81abdf60
 def _relink(md:str, prefixes:list, pages:set, anchors:dict|None=None) -> str:
-    alts = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    # a bare `page.html` (relative, as authors write it) is a link to the site too
+    alts = "|".join(re.escape(p) for p in sorted(set(prefixes) | {""}, key=len, reverse=True))
     pat = re.compile(r"\[([^\]]*)\]\((?:" + alts + r")([\w.-]+)\.html(?:#([^)\s]*))?\)")
     def sub(m):
         if m[2] not in pages: return m[0]

@@ -111,5 +111,5 @@ def test_rlaif_stage_runs_and_refuses_unknown_options():
                       options={"rlaif": {"n_prompts": 24, "steps": 1, "batch_size": 4}})
     row = st.rows[-1]
     assert row["stage"] == "rlaif" and row["pairs"] > 0 and 0 <= row["judge_agreement"] <= 1
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="has no option"):
         run_pipeline(["rlaif"], n_test=4, progress=False, options={"rlaif": {"no_such_option": 1}})
