@@ -20,8 +20,9 @@ FACTS_JS = r"""(() => {
   const cells = Array.from(document.querySelectorAll('div.cell'));
   const interact = cells.filter(c => {
     const i = c.querySelector('.cell_input'); return i && /\binteract(_manual)?\s*\(|@interact/.test(i.innerText); });
-  const shows = c => { const o = c.querySelector('.cell_output');
-    return !!(o && o.querySelector('.jupyter-widgets') && o.querySelector('.jupyter-widgets img, .jupyter-widgets svg')); };
+  const shows = c => { const o = c.querySelector('.cell_output'); if (!o) return false;   // the explorer's own output:
+    const outs = o.querySelectorAll('.widget-output, .jupyter-widgets-output-area');          // a figure or some text
+    return Array.from(outs).some(w => w.querySelector('img, svg') || w.innerText.trim().length > 0); };
   return {text: k.innerText, body: document.body.innerText, interact: interact.length,
           empty_interact: interact.filter(c => !shows(c)).length};
 })()"""
