@@ -99,7 +99,6 @@ def context_length(model, # a Hugging Face model
     "The longest sequence the model accepts."
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
-_encode, _pad_id, _max_len = encode_texts, pad_token_id, context_length  # old private names, kept for other modules until they switch
 
 # %% ../nbs/00_core.ipynb #353abd79
 def encode_for_training(tokenizer, # a Hugging Face tokenizer

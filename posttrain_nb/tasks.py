@@ -350,10 +350,12 @@ def evaluate(model, # a Hugging Face causal LM
 
 HELD_OUT_N = 500
 
-def held_out(n:int=HELD_OUT_N, # how many problems (every chapter quotes accuracy on the default 500)
+def held_out(n:int=HELD_OUT_N, # how many problems: the first n of the set (every chapter quotes the default 500)
             ) -> list: # ArithItems
     "The course's one evaluation set: the default task's test split, seed 0. Every chapter quotes accuracy on it."
-    return ArithTask().sample(n, seed=0, split="test")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= HELD_OUT_N:
+        raise ValueError(f"n must be an integer in 1..{HELD_OUT_N} (the held-out set's size), got {n!r}")
+    return ArithTask().sample(HELD_OUT_N, seed=0, split="test")[:n]
 
 def paired_difference(correct_a:list, # per-item 0/1 (or bool) outcomes of method A
                       correct_b:list, # the same items' outcomes of method B

@@ -13,14 +13,13 @@ from filelock import FileLock
 from fastcore.script import call_parse
 
 from .core import (set_seed, encode_for_training, masked_lm_loss, TrainConfig, train_loop, pad_sequences,
-                               _pad_id)
+                               pad_token_id)
 from .tasks import ArithTask, evaluate, LEVEL_NAMES
 
 # %% auto #0
-__all__ = ['SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_NAMES', 'PACKAGED_ZOO', 'HELDOUT_SIZE', 'rebuild_zoo', 'build_tokenizer',
-           'ZooRecipe', 'model_config', 'pretokenize', 'collate_pretokenized', 'save_model_dir', 'default_cache_dir',
-           'zoo_dir', 'model_path', 'file_digests', 'verify', 'load', 'train_zoo_model', 'rebuild',
-           'next_token_agreement', 'heldout_items', 'accuracy_se', 'paired_difference', 'describe_difference', 'main']
+__all__ = ['SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_NAMES', 'PACKAGED_ZOO', 'rebuild_zoo', 'build_tokenizer', 'ZooRecipe',
+           'model_config', 'pretokenize', 'collate_pretokenized', 'save_model_dir', 'default_cache_dir', 'zoo_dir',
+           'model_path', 'file_digests', 'verify', 'load', 'train_zoo_model', 'rebuild', 'next_token_agreement', 'main']
 
 # %% ../nbs/02_zoo.ipynb #aba8c12e
 SPECIAL_TOKENS = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -254,7 +253,7 @@ def train_zoo_model(tokenizer, # the zoo tokenizer
     model = LlamaForCausalLM(model_config(tokenizer, layers, recipe))
     cfg = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
                       seed=recipe.seed, eval_every=recipe.base_probe_every if probe else 0)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     res = train_loop(model, masked_lm_loss, data, cfg, collate=lambda rows: collate_pretokenized(rows, pad),
                      eval_fn=(lambda m, step: probe(m, step)) if probe else None, desc=desc)
     return model.eval(), res
@@ -371,52 +370,22 @@ def next_token_agreement(draft, # the proposing model
                          items:list, # ArithItems whose prompts are used
                         ) -> float: # fraction of answer tokens where the argmaxes agree
     "How often `draft`'s greedy next token equals `target`'s, along the target's own greedy solutions."
-    from posttrain_nb.core import generate, _encode, render_prompts
+    from posttrain_nb.core import generate
+    from posttrain_nb.data import completion_example, collate_completions
     g = generate(target, tokenizer, [i.prompt for i in items], max_new_tokens=48, batch_size=len(items))
-    rows = [p + c for p, c in zip(g.prompt_ids, g.completion_ids)]
-    ids, am = pad_sequences(rows, _pad_id(tokenizer), "right")
-    rm, _ = pad_sequences([[0] * len(p) + [1] * len(c) for p, c in zip(g.prompt_ids, g.completion_ids)], 0, "right")
+    b = collate_completions([completion_example(p, c) for p, c in zip(g.prompt_ids, g.completion_ids)],
+                            pad_token_id(tokenizer))
     with torch.no_grad():
-        pt = target(input_ids=ids, attention_mask=am).logits.argmax(-1)[:, :-1]
-        pd = draft(input_ids=ids, attention_mask=am).logits.argmax(-1)[:, :-1]
-    m = rm[:, 1:].bool()
+        pt = target(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)[:, :-1]
+        pd = draft(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)[:, :-1]
+    m = b["response_mask"][:, 1:].bool()   # positions whose next token is part of the target's solution
     return (pt[m] == pd[m]).float().mean().item()
 
 # %% ../nbs/02_zoo.ipynb #87337ecc
-HELDOUT_SIZE = 500 # problems in the course's held-out evaluation set
-
-def heldout_items(n:int=HELDOUT_SIZE, # how many of the held-out problems (a prefix of the full set)
-                 ) -> list: # ArithItems
-    "The course's held-out evaluation set: the first n of 500 test-split problems of the default task, seed 0."
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= HELDOUT_SIZE:
-        raise ValueError(f"n must be an integer in 1..{HELDOUT_SIZE} (the held-out set's size), got {n!r}")
-    return ArithTask().sample(HELDOUT_SIZE, seed=0, split="test")[:n]
-
-def accuracy_se(correct:list, # per problem: was it right? (bools or 0/1)
-               ) -> tuple: # (accuracy, its binomial standard error)
-    "Accuracy over problems and its standard error sqrt(p(1-p)/n)."
-    import math
-    if len(correct) == 0: raise ValueError("accuracy_se got no problems")
-    p = sum(map(float, correct)) / len(correct)
-    return p, math.sqrt(p * (1 - p) / len(correct))
-
-def paired_difference(correct_a:list, # per problem: method A right?
-                      correct_b:list, # per problem, same problems in the same order: method B right?
-                     ) -> tuple: # (mean of A - B, standard error of that mean)
-    "Accuracy of A minus accuracy of B on the same problems, with the standard error of the paired difference."
-    import math
-    if len(correct_a) != len(correct_b) or len(correct_a) < 2:
-        raise ValueError(f"need two equally long lists of at least 2 problems, got {len(correct_a)} and {len(correct_b)}")
-    d = [float(a) - float(b) for a, b in zip(correct_a, correct_b)]
-    m = sum(d) / len(d)
-    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
-
-def describe_difference(diff:float, # a difference of accuracies (A - B), as a fraction
-                        se:float, # its standard error
-                       ) -> str: # e.g. '+2.7 ± 2.0 points: within noise'
-    "The course's words for a difference: within noise up to 2 standard errors, else a clear gain or loss."
-    verdict = ("within noise" if abs(diff) <= 2 * se else "a clear gain" if diff > 0 else "a clear loss")
-    return f"{100 * diff:+.1f} ± {100 * se:.1f} points: {verdict}"
+# The protocol is defined once, in posttrain_nb.tasks (the layer below the zoo); this chapter introduces it and the
+# inference chapters reach it through the zoo under these names.
+from .tasks import (HELD_OUT_N as HELDOUT_SIZE, held_out as heldout_items, accuracy_se, paired_difference,
+                                describe_difference)
 
 # %% ../nbs/02_zoo.ipynb #39eaf847
 @call_parse

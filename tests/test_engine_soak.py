@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from posttrain_nb import zoo
-from posttrain_nb.core import generate, render_prompts, _encode
+from posttrain_nb.core import generate, render_prompts, encode_texts
 from posttrain_nb.tasks import ArithTask
 from posttrain_nb.serve.engine import LLM, SamplingParams
 
@@ -28,7 +28,7 @@ def workload():
     prompts = [i.prompt for i in items]
     prompts += [rng.choice(prompts) for _ in range(N_REQUESTS - len(prompts))]  # 200 duplicates: prefix-cache hits
     rng.shuffle(prompts)
-    ids = _encode(tok, render_prompts(tok, prompts))
+    ids = encode_texts(tok, render_prompts(tok, prompts))
     params = [SamplingParams(max_tokens=rng.randint(1, 12)) for _ in prompts]
     return model, tok, ids, params
 

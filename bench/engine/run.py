@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from posttrain_nb import zoo
-from posttrain_nb.core import generate, render_prompts, _encode
+from posttrain_nb.core import generate, render_prompts, encode_texts
 from posttrain_nb.tasks import ArithTask, is_correct
 from posttrain_nb.serve.engine import LLM, SamplingParams
 
@@ -102,15 +102,15 @@ def run_engine(model, tok, prompts, max_tokens, max_num_seqs, block_size):
 def run_hf_ignore_eos(model, tok, prompts, max_tokens_list, batch_size):
     """HF generate with per-request output lengths and eos ignored: a static batch must run to its longest member's
     max_tokens; each request keeps its own first max_tokens tokens."""
-    from posttrain_nb.core import pad_sequences, _pad_id
-    ids_all = _encode(tok, render_prompts(tok, prompts))
+    from posttrain_nb.core import pad_sequences, pad_token_id as pad_id_of
+    ids_all = encode_texts(tok, render_prompts(tok, prompts))
     outs, t_start = [], time.perf_counter()
     for s in range(0, len(prompts), batch_size):
         chunk, mts = ids_all[s:s + batch_size], max_tokens_list[s:s + batch_size]
-        ids, mask = pad_sequences(chunk, _pad_id(tok), "left")
+        ids, mask = pad_sequences(chunk, pad_id_of(tok), "left")
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(mts), do_sample=False,
-                                 eos_token_id=None, pad_token_id=_pad_id(tok))
+                                 eos_token_id=None, pad_token_id=pad_id_of(tok))
         outs += [row[:m] for row, m in zip(out[:, ids.shape[1]:].tolist(), mts)]
     seconds = time.perf_counter() - t_start
     n = sum(map(len, outs))
@@ -160,7 +160,7 @@ def main():
     model, tok = zoo.load("teacher")
     items = workload(a.n)
     prompts = [i.prompt for i in items]
-    p_lens = [len(x) for x in _encode(tok, render_prompts(tok, prompts))]
+    p_lens = [len(x) for x in encode_texts(tok, render_prompts(tok, prompts))]
     generate(model, tok, prompts[:8], max_new_tokens=4)  # warm up
     mts = [random.Random(1000 + i).randint(8, 128) for i in range(len(prompts))]
     sweep = sorted({64, 128, a.max_num_seqs})

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core import (pad_sequences, render_prompts, token_logprobs, generate, TrainConfig, train_loop,
-                               add_lora, _encode, _pad_id, _max_len)
+                               add_lora, encode_texts, pad_token_id, context_length)
 from ..tasks import extract_answer
 from .sampling import (majority_vote, weighted_vote, best_of_n, sample_pool, SamplePool,
                                          adaptive_vote)
@@ -34,7 +34,7 @@ def verdict_token_ids(tokenizer, # a Hugging Face tokenizer
                       no:str="No", # the opposite verdict
                      ) -> tuple: # (yes_id, no_id): the first token of each word
     "Token ids of the two verdicts; a word that encodes to several tokens is represented by its first."
-    y, n = (_encode(tokenizer, [w])[0] for w in (yes, no))
+    y, n = (encode_texts(tokenizer, [w])[0] for w in (yes, no))
     if not y or not n: raise ValueError(f"{yes!r} or {no!r} encodes to no tokens; pass non-empty verdict words")
     if y[0] == n[0]:
         raise ValueError(f"{yes!r} and {no!r} share their first token {tokenizer.convert_ids_to_tokens(y[0])!r}, so "
@@ -61,9 +61,9 @@ def confidence_batch(tokenizer, # a Hugging Face tokenizer with a chat template
                          "tokenizer.chat_template first")
     yes_id, _ = verdict_token_ids(tokenizer)
     turns = [[{"role": "user", "content": p}, {"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
-    full = _encode(tokenizer, [_chat(tokenizer, t + [{"role": "user", "content": question}], True) for t in turns])
-    head = _encode(tokenizer, [_chat(tokenizer, t, False) for t in turns])  # x and y only
-    starts = [len(p) for p in _encode(tokenizer, render_prompts(tokenizer, prompts))]  # where y begins
+    full = encode_texts(tokenizer, [_chat(tokenizer, t + [{"role": "user", "content": question}], True) for t in turns])
+    head = encode_texts(tokenizer, [_chat(tokenizer, t, False) for t in turns])  # x and y only
+    starts = [len(p) for p in encode_texts(tokenizer, render_prompts(tokenizer, prompts))]  # where y begins
     rows, resp = [], []
     for i, (f, h, s) in enumerate(zip(full, head, starts)):
         if f[:len(h)] != h or h[:s] != f[:s]:
@@ -75,7 +75,7 @@ def confidence_batch(tokenizer, # a Hugging Face tokenizer with a chat template
             raise ValueError(f"row {i} has {len(row)} tokens but the model's context is {max_length}; "
                              "shorten the prompt or the answer")
         rows.append(row); resp.append([0] * s + [1] * (len(h) - s) + [0] * (len(row) - len(h)))
-    input_ids, attention_mask = pad_sequences(rows, _pad_id(tokenizer), "left")
+    input_ids, attention_mask = pad_sequences(rows, pad_token_id(tokenizer), "left")
     response_mask, _ = pad_sequences(resp, 0, "left")
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
@@ -95,7 +95,7 @@ def confidence(model, # a causal LM
     try:
         for s in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="confidence"):
             b = confidence_batch(tokenizer, list(prompts[s:s + batch_size]), list(completions[s:s + batch_size]),
-                                 question, _max_len(model))
+                                 question, context_length(model))
             with torch.no_grad():
                 lp = token_logprobs(model, b["input_ids"].to(device), b["attention_mask"].to(device))
             out.append(lp[:, -1].exp().float().cpu())
@@ -172,7 +172,7 @@ def train_self_calibration(model, # a causal LM (wrapped with LoRA when lora_r >
                          "row, not just the two trained ones")
     if lora_r > 0: model = add_lora(model, r=lora_r, alpha=lora_alpha)
     handles = _train_rows(model, verdict_token_ids(tokenizer)) if lora_r > 0 and train_verdict_rows else []
-    rows, limit = list(zip(prompts, completions, t.tolist())), _max_len(model)
+    rows, limit = list(zip(prompts, completions, t.tolist())), context_length(model)
     def collate(ex):
         batch = confidence_batch(tokenizer, [e[0] for e in ex], [e[1] for e in ex], max_length=limit)
         return {**batch, "target": torch.tensor([e[2] for e in ex])}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core import generate, Generation, pad_sequences, sequence_logprobs, _pad_id
+from ..core import generate, Generation, pad_sequences, sequence_logprobs, pad_token_id
 from ..tasks import extract_answer, evaluate
 
 # %% auto #0
@@ -178,7 +178,7 @@ def mean_logprob_scores(model, # the causal LM that scores (usually the policy t
                         batch_size:int=256, # rows per forward pass
                        ) -> list: # one float per sample: mean log pi(y_t | x, y_<t) over its tokens
     "Score each sample by its mean token log-probability under `model` (a confidence; no oracle needed)."
-    out, pad = [], _pad_id(tokenizer)
+    out, pad = [], pad_token_id(tokenizer)
     device = next(model.parameters()).device
     for s in range(0, len(gen.completion_ids), batch_size):
         P, C = gen.prompt_ids[s:s + batch_size], gen.completion_ids[s:s + batch_size]
