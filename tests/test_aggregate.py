@@ -1,7 +1,7 @@
 """Generative self-aggregation: prompt construction, training rows, and that aggregation decodes the prompt it builds."""
 import random
 import pytest, torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from posttrain_nb import zoo
 from posttrain_nb.core import generate
@@ -16,12 +16,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg).eval()
+def model(tok, tiny_llama):
+    return tiny_llama(tok)
 
 
 def test_strip_and_prompt():

@@ -1,6 +1,6 @@
 """RLAIF judge: verdict reading against core.sequence_logprobs, refusals, the swap filter and bias decomposition."""
 import pytest, torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from posttrain_nb import zoo
 from posttrain_nb.core import encode_for_training, sequence_logprobs, render_prompts
@@ -15,12 +15,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def judge(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg).eval()
+def judge(tok, tiny_llama):
+    return tiny_llama(tok)
 
 
 @pytest.fixture(scope="module")
