@@ -145,7 +145,10 @@ def test_waiting_on_another_rebuilds_lock_is_announced(shipped):
 def test_sigint_during_rebuild_prints_a_clean_message(tmp_path):
     out = tmp_path / "zoo"
     p = subprocess.Popen([bin_path("posttrain-zoo"), "--rebuild", "--out", str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         # a runner that started us in the background may have SIGINT ignored, which the child would
+                         # inherit (and Python then never raises KeyboardInterrupt): give the child the default
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = p.stdout.readline()                         # 'building the zoo into ...': the rebuild has started
     assert "building the zoo" in line, line + p.stderr.read()
     time.sleep(1)

@@ -9,7 +9,7 @@ The stamp lives in the cell's metadata as `source_sha` (kept by nbdev-clean thro
 pyproject.toml). `tests/test_stale_outputs.py` fails when a cell's source no longer matches its stamp, so a chapter
 whose code changed without being re-executed cannot land with outputs (and prose numbers) from the old code.
 """
-import argparse, hashlib, os, re, subprocess, sys, time
+import argparse, hashlib, json, os, re, subprocess, sys, time
 from pathlib import Path
 
 KEY = "source_sha"
@@ -38,6 +38,25 @@ def stale_cells(path) -> list:
     return out
 
 
+WIDGET_MIME = "application/vnd.jupyter.widget-state+json"
+
+
+def _keep_widget_state(nb, old_state: dict, cells: list):
+    "Cells that were not re-run keep their outputs, so they keep the widget models those outputs display."
+    todo = [o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] for c in cells for o in c.get("outputs", [])
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    keep = {}
+    while todo:                                   # a widget's children and layout are models of their own
+        m = todo.pop()
+        if m in keep or m not in old_state: continue
+        keep[m] = old_state[m]
+        todo += re.findall(r"IPY_MODEL_([0-9a-f]+)", json.dumps(old_state[m]))
+    if not keep: return
+    state = nb.metadata.setdefault("widgets", {}).setdefault(WIDGET_MIME, {"version_major": 2, "version_minor": 0,
+                                                                           "state": {}})
+    state.setdefault("state", {}).update(keep)
+
+
 def execute(path, slow: bool = False, timeout: int = 1200) -> float:
     "Run the notebook at `path` top to bottom in a fresh kernel, stamp each executed cell, write it back cleaned."
     import nbformat
@@ -46,14 +65,16 @@ def execute(path, slow: bool = False, timeout: int = 1200) -> float:
     nb = nbformat.read(str(path), as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=False, store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
-    t0 = time.perf_counter()
+    old_state = nb.metadata.get("widgets", {}).get(WIDGET_MIME, {}).get("state", {})
+    t0, kept = time.perf_counter(), []
     with client.setup_kernel():
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != "code": continue
-            if _is_slow(cell.source) and not slow: continue   # keeps its stored outputs and its old stamp
+            if _is_slow(cell.source) and not slow: kept.append(cell); continue   # keeps its outputs and its stamp
             client.execute_cell(cell, i)
             cell.metadata[KEY] = source_sha(cell.source)
         client.set_widgets_metadata()
+    _keep_widget_state(nb, old_state, kept)
     secs = time.perf_counter() - t0
     tmp = path.with_suffix(".ipynb.tmp")
     nbformat.write(nb, str(tmp)); os.replace(tmp, path)
