@@ -1,0 +1,182 @@
+"""posttrain-serve: OpenAI's client against the server on 127.0.0.1 (issue 15, item 4)."""
+import asyncio, json, random, time, urllib.error, urllib.request
+from dataclasses import dataclass, field
+
+import openai
+import pytest
+
+from posttrain_nb import zoo
+from posttrain_nb.core import IncrementalDetokenizer
+from posttrain_nb.serve.server import OpenAIServer, serve_in_thread
+
+
+# ---- a test double with the engine's step-level API (vLLM's LLMEngine names) ----
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list
+    cumulative_logprob: float | None = None
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list
+    outputs: list
+    finished: bool
+    metrics: object = None
+
+@dataclass
+class FakeParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    seed: int | None = None
+    stop: list | None = None
+    logprobs: int | None = None
+    top_k: int = 0
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    def __post_init__(self):
+        if self.temperature == 0 and self.n > 1: raise ValueError("n > 1 with temperature=0 gives n identical samples")
+
+class FakeLLM:
+    "Token k of sample j of a request is a fixed function of its prompt: answers can be checked, mix-ups detected."
+    def __init__(self, tokenizer, max_model_len=256, step_sleep=0.0):
+        self.tokenizer, self.max_model_len, self.step_sleep = tokenizer, max_model_len, step_sleep
+        self.V, self.reqs, self.aborted, self.steps = len(tokenizer), {}, [], 0
+    @staticmethod
+    def token(prompt, j, k, V): return (sum(prompt) * 31 + 7 * k + 13 * j) % (V - 10) + 10   # avoid special ids
+    def add_request(self, rid, prompt, params):
+        assert rid not in self.reqs, rid
+        self.reqs[rid] = (list(prompt), params, [IncrementalDetokenizer(self.tokenizer, params.stop or ()) for _ in range(params.n)])
+    def abort_request(self, rid):
+        if self.reqs.pop(rid, None) is not None: self.aborted.append(rid)
+    def has_unfinished_requests(self): return bool(self.reqs)
+    def step(self):
+        if self.step_sleep: time.sleep(self.step_sleep)
+        self.steps += 1; outs = []
+        for rid, (prompt, p, dets) in list(self.reqs.items()):
+            comps = []
+            for j, d in enumerate(dets):
+                if not (d.finished or len(d.token_ids) >= p.max_tokens):
+                    d.add(self.token(prompt, j, len(d.token_ids), self.V))
+                    if len(d.token_ids) >= p.max_tokens and not d.finished: d.finish()
+                fin = "stop" if d.finished else "length" if len(d.token_ids) >= p.max_tokens else None
+                lps = [{t: Logprob(-0.5, 1)} for t in d.token_ids] if p.logprobs is not None else None
+                comps.append(CompletionOutput(j, d.text if fin else d.visible_text, list(d.token_ids), None, lps, fin, d.stop_reason))
+            done = all(c.finish_reason for c in comps)
+            outs.append(RequestOutput(rid, None, prompt, comps, done))
+            if done: del self.reqs[rid]
+        return outs
+    def reference(self, prompt, max_tokens, j=0):
+        ids = [self.token(prompt, j, k, self.V) for k in range(max_tokens)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def post(url, body:bytes):
+    "Raw POST (for bodies the openai client would never send); returns (status, JSON)."
+    req = urllib.request.Request(url, body, {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r: return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e: return e.code, json.loads(e.read())
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(zoo.model_path("draft"))
+
+@pytest.fixture(scope="module")
+def fake(tok):
+    llm = FakeLLM(tok)
+    srv = OpenAIServer(llm, "fake", sampling_params_cls=FakeParams)
+    with serve_in_thread(srv) as url: yield llm, srv, url
+
+
+def test_fake_completion_and_stream(fake, tok):
+    llm, srv, url = fake
+    client = openai.OpenAI(base_url=url, api_key="none")
+    assert [m.id for m in client.models.list()] == ["fake"]
+    ids = tok("12+7=", add_special_tokens=True)["input_ids"]
+    want, want_ids = llm.reference(ids, 9)
+    r = client.completions.create(model="fake", prompt="12+7=", max_tokens=9, temperature=0)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 9)
+    chunks = list(client.completions.create(model="fake", prompt="12+7=", max_tokens=9, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 9
+
+
+def test_fake_bad_requests(fake):
+    _, _, url = fake
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+    for kw, field in [(dict(temperature=-1), "temperature"), (dict(max_tokens=0), "max_tokens"),
+                      (dict(presence_penalty=3), "presence_penalty"), (dict(max_tokens=10_000), "max_tokens"),
+                      (dict(n=2, temperature=0), None), (dict(logit_bias={"5": 1}), "logit_bias")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="fake", prompt="hi", **kw)
+        assert e.value.status_code == 400 and (field is None or field in e.value.message), (kw, e.value.message)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi")
+    status, body = post(f"{url}/completions", b"{not json")
+    assert status == 400 and "JSON" in body["error"]["message"], body
+
+
+async def _load(url, prompts, max_tokens, n_abort, abort_tokens):
+    "Send every prompt at once (odd ones streamed), plus n_abort long streams closed after two chunks; return texts."
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    async def one(i, p):
+        if i % 2 == 0:
+            r = await client.completions.create(model=None, prompt=p, max_tokens=max_tokens, temperature=0)
+            return r.choices[0].text
+        s = await client.completions.create(model=None, prompt=p, max_tokens=max_tokens, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in s])
+    async def aborted(p):
+        s = await client.completions.create(model=None, prompt=p, max_tokens=abort_tokens, temperature=0, stream=True)
+        got = 0
+        async for c in s:
+            got += 1
+            if got == 2: break
+        await s.close()
+    res = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)], *[aborted(p) for p in prompts[:n_abort]])
+    await client.close()
+    return res[:len(prompts)]
+
+def _wait(cond, timeout=20):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout: return False
+        time.sleep(0.05)
+    return True
+
+
+def test_fake_load_with_aborts(tok):
+    llm = FakeLLM(tok, step_sleep=0.002)
+    srv = OpenAIServer(llm, "fake", sampling_params_cls=FakeParams)
+    rng = random.Random(0)
+    prompts = [f"{rng.randrange(100)}+{rng.randrange(100)}={i}" for i in range(200)]
+    with serve_in_thread(srv) as url:
+        texts = asyncio.run(_load(url, prompts, 8, 5, 200))
+        for p, t in zip(prompts, texts):                # none lost, none mixed up
+            assert t == llm.reference(tok(p)["input_ids"], 8)[0]
+        assert _wait(lambda: srv.engine.num_in_flight == 0 and not llm.reqs), (srv.engine.num_in_flight, list(llm.reqs))
+        assert len(llm.aborted) == 5                    # the closed streams were aborted in the engine, not run to the end
+        r = openai.OpenAI(base_url=url, api_key="none").completions.create(model="fake", prompt=prompts[0], max_tokens=8)
+        assert r.choices[0].text == texts[0]            # and the server still answers
