@@ -180,3 +180,54 @@ def test_fake_load_with_aborts(tok):
         assert len(llm.aborted) == 5                    # the closed streams were aborted in the engine, not run to the end
         r = openai.OpenAI(base_url=url, api_key="none").completions.create(model="fake", prompt=prompts[0], max_tokens=8)
         assert r.choices[0].text == texts[0]            # and the server still answers
+
+
+def test_fake_n_logprobs_chat_and_prompt_lists(fake, tok):
+    llm, srv, url = fake
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+    ids = [tok(p)["input_ids"] for p in ("1+1=", "2+2=")]
+    r = client.completions.create(model="fake", prompt=["1+1=", "2+2="], max_tokens=5, n=2, temperature=1.0, logprobs=1)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]                     # prompt-major: index = prompt * n + sample
+    for c in r.choices:
+        text, tids = llm.reference(ids[c.index // 2], 5, j=c.index % 2)
+        assert c.text == text and len(c.logprobs.tokens) == 5 and c.logprobs.token_logprobs == [-0.5] * 5
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (sum(map(len, ids)), 20)
+    chunks = list(client.completions.create(model="fake", prompt=["1+1=", "2+2="], max_tokens=5, n=2, temperature=1.0,
+                                            stream=True))
+    for i in range(4):                                                     # each choice's pieces join to its own text
+        assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) == r.choices[i].text
+        assert sum(c.choices[0].finish_reason == "length" for c in chunks if c.choices[0].index == i) == 1
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "3+4="}]
+    cids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    want = llm.reference(cids, 6)[0]
+    c = client.chat.completions.create(model="fake", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=1)
+    assert c.choices[0].message.content == want and c.choices[0].message.role == "assistant"
+    assert len(c.choices[0].logprobs.content) == 6 and c.usage.prompt_tokens == len(cids)
+    parts = list(client.chat.completions.create(model="fake", messages=msgs, max_tokens=6, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == want
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client.chat.completions.create(model="fake", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x"}}]}])
+
+
+def test_fake_stop_strings(fake, tok):
+    llm, srv, url = fake
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+    full = llm.reference(tok("9+9=")["input_ids"], 12)[0]
+    stop = full[5:7]                                                       # a stop string inside the answer
+    cut = full[:full.find(stop)]
+    r = client.completions.create(model="fake", prompt="9+9=", max_tokens=12, stop=stop)
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    s = "".join(c.choices[0].text for c in client.completions.create(model="fake", prompt="9+9=", max_tokens=12, stop=[stop], stream=True))
+    assert s == cut
+
+
+def test_console_script_help_and_bad_model(tmp_path, capsys):
+    "posttrain-serve's --help (fastcore's parser of main) names its options; a bad MODEL exits 2 with a clear message."
+    from fastcore.script import anno_parser
+    from posttrain_nb.serve.server import main
+    help_text = anno_parser(main, prog="posttrain-serve").format_help()
+    assert all(o in help_text for o in ("--host", "--port", "--served-model-name", "zoo name"))
+    with pytest.raises(SystemExit) as e: main(str(tmp_path / "nope"))
+    assert e.value.code == 2 and "neither a zoo model" in capsys.readouterr().err
