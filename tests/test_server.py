@@ -1,6 +1,7 @@
 """posttrain-serve: OpenAI's client against the server on 127.0.0.1 (issue 15, item 4)."""
 import asyncio, json, random, time, urllib.error, urllib.request
 from dataclasses import dataclass, field
+from types import SimpleNamespace as NS
 
 import openai
 import pytest
@@ -149,7 +150,8 @@ async def _load(url, prompts, max_tokens, n_abort, abort_tokens):
         s = await client.completions.create(model=None, prompt=p, max_tokens=max_tokens, temperature=0, stream=True)
         return "".join([c.choices[0].text async for c in s])
     async def aborted(p):
-        s = await client.completions.create(model=None, prompt=p, max_tokens=abort_tokens, temperature=0, stream=True)
+        s = await client.completions.create(model=None, prompt=p, max_tokens=abort_tokens, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
         got = 0
         async for c in s:
             got += 1
@@ -221,6 +223,23 @@ def test_fake_stop_strings(fake, tok):
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
     s = "".join(c.choices[0].text for c in client.completions.create(model="fake", prompt="9+9=", max_tokens=12, stop=[stop], stream=True))
     assert s == cut
+
+
+def test_fake_non_streaming_disconnect_aborts(tok):
+    "A client that hangs up on a non-streaming request: the server notices within its 0.5 s poll and aborts it."
+    import socket
+    llm = FakeLLM(tok, step_sleep=0.02)                 # 200 tokens would take 4 s
+    srv = OpenAIServer(llm, "fake", sampling_params_cls=FakeParams)
+    with serve_in_thread(srv) as url:
+        host, port = url.split("//")[1].split("/")[0].split(":")
+        body = json.dumps({"prompt": "hang up", "max_tokens": 200}).encode()
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert _wait(lambda: llm.reqs, 5)           # it is being decoded
+        t0 = time.time()
+        assert _wait(lambda: llm.aborted, 5) and time.time() - t0 < 2 and llm.steps < 200
+        assert _wait(lambda: srv.engine.num_in_flight == 0)
 
 
 def test_console_script_help_and_bad_model(tmp_path, capsys):
