@@ -87,13 +87,14 @@ def test_bf16_input_matches_torchao():
 
 
 def test_fp4_kernel_module_imports_and_runs_on_cpu():
-    "Importing serve.fp4_kernel without TRITON_INTERPRET set must switch the interpreter on (no CUDA here) and work."
+    "Without CUDA the kernel runs in Triton's interpreter, built at first launch: importing sets no TRITON_INTERPRET for the process."
     import os, subprocess, sys
     if torch.cuda.is_available(): pytest.skip("a CUDA device is present; the interpreter is not used")
     code = ("import torch; from posttrain_nb.serve.fp4 import quantize_nvfp4, dequantize_nvfp4; "
-            "from posttrain_nb.serve.fp4_kernel import fp4_matmul; import os; assert os.environ['TRITON_INTERPRET'] == '1'; "
+            "from posttrain_nb.serve.fp4_kernel import fp4_matmul; import os; assert 'TRITON_INTERPRET' not in os.environ; "
             "x, W = torch.randn(3, 32), torch.randn(16, 32); q, s, g = quantize_nvfp4(W); "
-            "assert torch.allclose(fp4_matmul(x, q, s, g), x @ dequantize_nvfp4(q, s, g).T, rtol=1e-5, atol=1e-5)")
+            "assert torch.allclose(fp4_matmul(x, q, s, g), x @ dequantize_nvfp4(q, s, g).T, rtol=1e-5, atol=1e-5); "
+            "assert 'TRITON_INTERPRET' not in os.environ")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
