@@ -20,7 +20,7 @@ from .fp4 import (E2M1_MAX, E4M3_MAX, E4M3_TINY, NF4_LEVELS, FORMATS, e2m1_decod
 __all__ = ['GRID_FORMATS', 'AWQ_ALPHAS', 'METHODS', 'CT_FORMATS', 'Grid', 'NVFP4Grid', 'MXFP4Grid', 'INTGrid', 'NF4Grid',
            'INT8Grid', 'make_grid', 'rtn', 'hessian_error', 'gptq_quantize', 'awq_scales', 'awq_apply', 'awq_search',
            'fold_into_norm', 'smooth_scales', 'quantize_per_token', 'W8A8Linear', 'calibration_batch', 'quantize_model',
-           'perplexity', 'ct_scheme', 'save_quantized', 'load_quantized']
+           'perplexity', 'attach_quantized_save', 'ct_scheme', 'save_quantized', 'load_quantized']
 
 # %% ../../nbs/41_quantize.ipynb #44d531e7
 class Grid:
@@ -337,7 +337,7 @@ def quantize_model(model, # a Hugging Face causal LM (not modified unless inplac
     batch = calibration_batch(tokenizer, calib) if needs_calib else None
     log = []
     if packed:
-        from .fp4_kernel import FP4Linear  # the next chapter's layer, imported when asked for
+        from posttrain_nb.serve.fp4_kernel import FP4Linear  # the next chapter's layer, imported when asked for
         for n, m in tqdm(targets, desc="fp4", disable=not progress): _set_module(model, n, FP4Linear.from_linear(m, fmt, use_triton))
     elif method == "rtn":
         for n, m in tqdm(targets, desc="rtn", disable=not progress):
@@ -378,7 +378,7 @@ def quantize_model(model, # a Hugging Face causal LM (not modified unless inplac
     model.quant_log, model.quant_method = log, method
     model.quant_format = fmt if method in ("rtn", "gptq", "awq") else "w8a8"
     model.quant_layers = [n for n, _ in targets]
-    return _bind_save(model)   # model.save_pretrained(path) writes compressed-tensors, or refuses what it cannot write
+    return attach_quantized_save(model)   # model.save_pretrained(path) writes compressed-tensors, or refuses what it cannot write
 
 @torch.no_grad()
 def perplexity(model, # a causal LM
@@ -417,7 +417,8 @@ def _save_pretrained(self, save_directory, **kwargs):
     "Write this quantized model as a compressed-tensors checkpoint: see `save_quantized`."
     return save_quantized(self, save_directory, **kwargs)
 
-def _bind_save(model):
+def attach_quantized_save(model, # a model holding FP4Linear layers (or fake-quantized ones from quantize_model)
+                         ): # the same model, whose save_pretrained now writes compressed-tensors
     "Make `model.save_pretrained(path)` go through save_quantized (an instance attribute shadows the class method)."
     model.save_pretrained = types.MethodType(_save_pretrained, model)
     return model
@@ -551,7 +552,7 @@ def load_quantized(path:str|Path, # a folder written by save_pretrained after qu
                   ): # the model in eval mode, FP4 layers as FP4Linear; `save_pretrained` writes compressed-tensors again
     "Read a compressed-tensors NVFP4/MXFP4 weight-only checkpoint into FP4Linear layers, refusing any weight left uninitialised."
     from transformers import AutoConfig, AutoModelForCausalLM
-    from .fp4_kernel import FP4Linear
+    from posttrain_nb.serve.fp4_kernel import FP4Linear
     path = Path(path)
     if not (path / "config.json").exists(): raise FileNotFoundError(f"no config.json in {path}; is it a checkpoint folder?")
     qc = json.loads((path / "config.json").read_text()).get("quantization_config")
@@ -599,4 +600,4 @@ def load_quantized(path:str|Path, # a folder written by save_pretrained after qu
                          f"({', '.join(res.unexpected_keys[:4])}). Loading would leave weights randomly initialised; the "
                          "checkpoint is incomplete or was written for another model")
     model.quant_method, model.quant_format, model.quant_layers, model.quant_skipped = "loaded", fmt, layers, []
-    return _bind_save(model.eval())
+    return attach_quantized_save(model.eval())
