@@ -148,3 +148,15 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path):
     assert sorted(os.listdir(d)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]      # no temp folder left
     assert torch.equal(logits(load_quantized(d)), logits(q))
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    d = tmp_path / "ck"
+    q = quantize_model(tiny(), "rtn", "nvfp4")
+    q.save_pretrained(d)
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+    import safetensors.torch
+    def boom(*a, **k): raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"): quantize_model(tiny(seed=1), "rtn", "nvfp4").save_pretrained(d)
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
