@@ -160,3 +160,10 @@ def test_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"): quantize_model(tiny(seed=1), "rtn", "nvfp4").save_pretrained(d)
     assert {f.name: f.read_bytes() for f in d.iterdir()} == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_requantizing_drops_stale_codes(tmp_path):
+    "An NVFP4 model quantized again to INT4 must not be saved with the NVFP4 codes it no longer holds."
+    q = quantize_model(quantize_model(tiny(), "rtn", "nvfp4"), "rtn", "int4")
+    assert not any(hasattr(m, "fp4_codes") for m in q.modules())
+    with pytest.raises(ValueError, match="'int4'"): q.save_pretrained(tmp_path / "ck")

@@ -334,6 +334,7 @@ def quantize_model(model, # a Hugging Face causal LM (not modified unless inplac
     model = model if inplace else copy.deepcopy(model)
     gs = None if method in ("smoothquant", "w8a8") else make_grid(fmt, torch.ones(1, 1)).group_size if fmt != "int8" else None
     targets, model.quant_skipped = _targets(model, skip, gs)
+    for _, m in targets: m.__dict__.pop("fp4_codes", None)   # codes of an earlier quantization no longer apply
     batch = calibration_batch(tokenizer, calib) if needs_calib else None
     log = []
     if packed:
@@ -399,6 +400,7 @@ CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"} 
 _CT_BLOCK = {"nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
 
 def _decode_fp4(fmt, q, s, g):
+    "The float32 weight that packed FP4 codes, scales (and NVFP4's g) encode."
     return dequantize_nvfp4(q, s, g) if fmt == "nvfp4" else dequantize_mxfp4(q, s)
 
 def _pack_on_grid(W, fmt, s, g):
