@@ -309,7 +309,7 @@ def sample_token(logits:torch.Tensor, # [..., V] next-token logits
     p = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
 
-# %% ../nbs/00_core.ipynb #f4c6f39e
+# %% ../nbs/00_core.ipynb #baaaf950
 def _per_row(v, B:int, name:str, device) -> torch.Tensor:
     "A scalar or one value per row, as a float32 [B] tensor (checked finite)."
     t = torch.as_tensor(v, dtype=torch.float32, device=device)
@@ -364,7 +364,7 @@ def apply_penalties(logits:torch.Tensor, # [B, V] next-token logits, one row per
     z -= freq[:, None] * out_counts + pres[:, None] * (out_counts > 0)
     return z.to(logits.dtype)
 
-# %% ../nbs/00_core.ipynb #428726e2
+# %% ../nbs/00_core.ipynb #301c51ae
 @dataclass
 class TopLogprobs:
     "Log-probabilities a server reports: the k most likely tokens per row, and the chosen token's own."
@@ -389,7 +389,7 @@ def top_logprobs(logits:torch.Tensor, # [B, V] the logits the probabilities come
     vals, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], torch.zeros_like(lp[:, :0], dtype=torch.long))
     return TopLogprobs(ids, vals, chosen_lp[:, 0], rank)
 
-# %% ../nbs/00_core.ipynb #35963082
+# %% ../nbs/00_core.ipynb #4501f67b
 def find_stop(text:str, # the text so far
               stop:Sequence[str], # stop strings
               start:int=0, # search only matches that start at or after this index
