@@ -64,15 +64,18 @@ def test_mxfp4_bit_exact(seed, kind):
 @pytest.mark.parametrize("seed,kind", CASES)
 def test_nvfp4_bit_exact(seed, kind):
     w = weights(seed, kind=kind)
-    g = per_tensor_amax_to_scale(w.abs().amax())
-    assert torch.equal(nvfp4_global_scale(w), g)
-    ref = NVFP4Tensor.to_nvfp4(w, per_tensor_scale=g, is_swizzled_scales=False)
-    q, s8, g2 = quantize_nvfp4(w)
-    assert torch.equal(q, ref.qdata.view(torch.uint8))
-    assert torch.equal(s8.view(torch.uint8), ref.scale.view(torch.uint8))
-    assert torch.equal(dequantize_nvfp4(q, s8, g2), ref.dequantize(torch.float32))
-    s_ref, q_ref = nvfp4_quantize(w, 16, g)
-    assert torch.equal(q, q_ref.view(torch.uint8)) and torch.equal(s8.view(torch.uint8), s_ref.view(torch.uint8))
+    g_ao = per_tensor_amax_to_scale(w.abs().amax())
+    g = nvfp4_global_scale(w)                     # ours: torchao's g rounded up to a power of two (exact reciprocal)
+    assert torch.frexp(g).mantissa == 0.5 and g_ao <= g < 2 * g_ao
+    for gs in (g, g_ao):                          # bit-exact with torchao at either global scale
+        ref = NVFP4Tensor.to_nvfp4(w, per_tensor_scale=gs, is_swizzled_scales=False)
+        q, s8, g2 = quantize_nvfp4(w, None if gs is g else gs)
+        assert torch.equal(g2, gs)
+        assert torch.equal(q, ref.qdata.view(torch.uint8))
+        assert torch.equal(s8.view(torch.uint8), ref.scale.view(torch.uint8))
+        assert torch.equal(dequantize_nvfp4(q, s8, g2), ref.dequantize(torch.float32))
+        s_ref, q_ref = nvfp4_quantize(w, 16, gs)
+        assert torch.equal(q, q_ref.view(torch.uint8)) and torch.equal(s8.view(torch.uint8), s_ref.view(torch.uint8))
 
 
 def test_bf16_input_matches_torchao():
@@ -80,7 +83,7 @@ def test_bf16_input_matches_torchao():
     ref = MXTensor.to_mx(w, torch.float4_e2m1fn_x2, block_size=32)
     q, e = quantize_mxfp4(w)
     assert torch.equal(q, ref.qdata.view(torch.uint8)) and torch.equal(e, ref.scale.view(torch.uint8))
-    g = per_tensor_amax_to_scale(w.float().abs().amax())
+    g = nvfp4_global_scale(w)
     refn = NVFP4Tensor.to_nvfp4(w, per_tensor_scale=g, is_swizzled_scales=False)
     qn, s8, _ = quantize_nvfp4(w)
     assert torch.equal(qn, refn.qdata.view(torch.uint8)) and torch.equal(s8.view(torch.uint8), refn.scale.view(torch.uint8))
