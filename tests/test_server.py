@@ -169,21 +169,6 @@ def _wait(cond, timeout=20):
     return True
 
 
-def test_fake_load_with_aborts(tok):
-    llm = FakeLLM(tok, step_sleep=0.002)
-    srv = OpenAIServer(llm, "fake", sampling_params_cls=FakeParams)
-    rng = random.Random(0)
-    prompts = [f"{rng.randrange(100)}+{rng.randrange(100)}={i}" for i in range(200)]
-    with serve_in_thread(srv) as url:
-        texts = asyncio.run(_load(url, prompts, 8, 5, 200))
-        for p, t in zip(prompts, texts):                # none lost, none mixed up
-            assert t == llm.reference(tok(p)["input_ids"], 8)[0]
-        assert _wait(lambda: srv.engine.num_in_flight == 0 and not llm.reqs), (srv.engine.num_in_flight, list(llm.reqs))
-        assert len(llm.aborted) == 5                    # the closed streams were aborted in the engine, not run to the end
-        r = openai.OpenAI(base_url=url, api_key="none").completions.create(model="fake", prompt=prompts[0], max_tokens=8)
-        assert r.choices[0].text == texts[0]            # and the server still answers
-
-
 def test_fake_n_logprobs_chat_and_prompt_lists(fake, tok):
     llm, srv, url = fake
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
@@ -250,3 +235,51 @@ def test_console_script_help_and_bad_model(tmp_path, capsys):
     assert all(o in help_text for o in ("--host", "--port", "--served-model-name", "zoo name"))
     with pytest.raises(SystemExit) as e: main(str(tmp_path / "nope"))
     assert e.value.code == 2 and "neither a zoo model" in capsys.readouterr().err
+
+
+# ---- the real engine (zoo "draft", the smallest model) ----
+@pytest.fixture(scope="module")
+def real():
+    from posttrain_nb.serve.engine import LLM
+    from posttrain_nb.serve.sampler import SamplingParams
+    from posttrain_nb.tasks import ArithTask
+    model, tok = zoo.load("draft")
+    llm = LLM(model, tok)
+    prompts = [i.prompt for i in ArithTask().sample(200, seed=0, split="test")]
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    refs = llm.generate([{"prompt_token_ids": tok(p)["input_ids"]} for p in prompts], greedy, use_tqdm=False)
+    chat_refs = llm.chat([[{"role": "user", "content": p}] for p in prompts[:3]], SamplingParams(max_tokens=16, temperature=0),
+                         use_tqdm=False)
+    aborted = []
+    abort = llm.abort_request
+    def recording_abort(rid): aborted.append(rid); return abort(rid)
+    llm.abort_request = recording_abort                 # called from the engine thread only
+    srv = OpenAIServer(llm, "draft")
+    with serve_in_thread(srv) as url:
+        yield NS(llm=llm, srv=srv, url=url, prompts=prompts, refs=[r.outputs[0] for r in refs],
+                 chat_refs=[r.outputs[0] for r in chat_refs], aborted=aborted)
+
+
+def test_greedy_equals_engine(real):
+    client = openai.OpenAI(base_url=real.url, api_key="none", max_retries=0)
+    for p, ref in zip(real.prompts[:3], real.refs):
+        r = client.completions.create(model="draft", prompt=p, max_tokens=8, temperature=0)
+        assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids)
+        s = client.completions.create(model="draft", prompt=p, max_tokens=8, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in s) == ref.text
+    for p, ref in zip(real.prompts, real.chat_refs):
+        msgs = [{"role": "user", "content": p}]
+        c = client.chat.completions.create(model="draft", messages=msgs, max_tokens=16, temperature=0)
+        assert c.choices[0].message.content == ref.text and c.choices[0].finish_reason == ref.finish_reason
+        s = client.chat.completions.create(model="draft", messages=msgs, max_tokens=16, temperature=0, stream=True)
+        assert "".join(x.choices[0].delta.content or "" for x in s) == ref.text
+
+
+def test_load_200_concurrent_with_aborts(real):
+    texts = asyncio.run(_load(real.url, real.prompts, 8, 5, 200))
+    assert texts == [r.text for r in real.refs]         # none lost, none mixed up: each equals its own greedy reference
+    assert _wait(lambda: real.srv.engine.num_in_flight == 0 and not real.llm.has_unfinished_requests())
+    assert len(real.aborted) == 5                       # the five closed streams were aborted inside the engine
+    r = openai.OpenAI(base_url=real.url, api_key="none").completions.create(model="draft", prompt=real.prompts[7],
+                                                                            max_tokens=8, temperature=0)
+    assert r.choices[0].text == real.refs[7].text       # and the server still answers
