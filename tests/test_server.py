@@ -283,3 +283,16 @@ def test_load_200_concurrent_with_aborts(real):
     r = openai.OpenAI(base_url=real.url, api_key="none").completions.create(model="draft", prompt=real.prompts[7],
                                                                             max_tokens=8, temperature=0)
     assert r.choices[0].text == real.refs[7].text       # and the server still answers
+
+
+def test_logprobs_and_stop_with_engine(real):
+    client = openai.OpenAI(base_url=real.url, api_key="none", max_retries=0)
+    p, ref = real.prompts[3], real.refs[3]
+    r = client.completions.create(model="draft", prompt=p, max_tokens=8, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == ref.text and len(lp.tokens) == len(ref.token_ids)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):   # greedy: the chosen token is the most likely one
+        assert len(top) == 3 and chosen <= 0 and abs(chosen - max(top.values())) < 1e-5
+    stop = ref.text[3:5]                                            # a stop string inside the greedy answer
+    r = client.completions.create(model="draft", prompt=p, max_tokens=8, temperature=0, stop=[stop])
+    assert r.choices[0].text == ref.text[:ref.text.find(stop)] and r.choices[0].finish_reason == "stop"
