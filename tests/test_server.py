@@ -237,6 +237,13 @@ def test_console_script_help_and_bad_model(tmp_path, capsys):
     assert e.value.code == 2 and "neither a zoo model" in capsys.readouterr().err
 
 
+def test_load_engine_from_a_folder():
+    "MODEL may be a checkpoint folder (here the zoo's own draft folder, given as a path)."
+    from posttrain_nb.serve.server import load_engine
+    llm = load_engine(str(zoo.model_path("draft")), max_num_seqs=4, max_model_len=None)
+    assert llm.tokenizer is not None and llm.max_model_len == 256 and not llm.has_unfinished_requests()
+
+
 # ---- the real engine (zoo "draft", the smallest model) ----
 @pytest.fixture(scope="module")
 def real():
