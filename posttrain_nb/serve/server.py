@@ -4,7 +4,7 @@
 
 # %% ../../nbs/49_server.ipynb #ffc0f0d8
 from __future__ import annotations
-import asyncio, contextlib, json, math, queue, threading, time, uuid
+import asyncio, contextlib, json, queue, threading, time, uuid
 from pathlib import Path
 from typing import AsyncIterator, Literal
 
