@@ -5,9 +5,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain_nb.core import set_seed, sampling_probs
 from posttrain_nb.serve import medusa, speculative
-from posttrain_nb.serve.speculative import (speculative_generate, speculative_step_probs, verify_draft,
-                                            residual_distribution, crop_cache, check_pair, accept_greedy,
-                                            expected_tokens_per_call)
+from posttrain_nb.serve.speculative import (speculative_generate, speculative_decode, speculative_step_probs,
+                                            verify_draft, residual_distribution, crop_cache, check_pair, accept_greedy,
+                                            expected_tokens_per_call, eos_token_ids)
 
 V = 12
 
@@ -43,7 +43,7 @@ def test_greedy_identical_to_target(pair, gamma):
     for _ in range(6):
         prompt = torch.randint(0, V, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
         n = int(torch.randint(1, 30, (1,), generator=g))
-        ids, st = speculative_generate(target, draft, prompt, max_new_tokens=n, gamma=gamma)
+        ids, st = speculative_generate(target, draft, prompt, max_new_tokens=n, gamma=gamma, eos_token_id=[])
         assert ids[0, len(prompt):].tolist() == greedy_reference(target, prompt, n)
         assert st.new_tokens == n and sum(a + 1 for a in st.accepted) >= n
 
@@ -66,7 +66,7 @@ def test_sampling_matches_target_distribution(pair, top_k):
     c1, c2 = torch.zeros(V), torch.zeros(V)
     for s in range(2000):
         ids, _ = speculative_generate(target, draft, prompt, max_new_tokens=2, gamma=3, temperature=tau,
-                                      top_k=top_k, seed=s)
+                                      top_k=top_k, seed=s, eos_token_id=[])
         c1[ids[0, 3]] += 1; c2[ids[0, 4]] += 1
     assert chi2_pvalue(c1, p1) > 1e-3 and chi2_pvalue(c2, p2) > 1e-3
 
@@ -104,7 +104,7 @@ def test_cache_crop_and_draft_equal_target(pair):
     crop_cache(cache, 3)
     assert cache.get_seq_length() == 3
     with pytest.raises(ValueError, match="cannot crop"): crop_cache(cache, 4)
-    ids, st = speculative_generate(target, target, [1, 2], max_new_tokens=20, gamma=4)
+    ids, st = speculative_generate(target, target, [1, 2], max_new_tokens=20, gamma=4, eos_token_id=[])
     assert st.accepted[:-1] == [4] * (len(st.accepted) - 1)  # p == q: every draft accepted
     assert st.tokens_per_call == pytest.approx(20 / st.target_calls)
     assert expected_tokens_per_call(1.0, 4) == 5
@@ -128,7 +128,7 @@ def test_context_limit_refused_like_generate(pair):
             speculative_generate(t, d, prompt, max_new_tokens=40, gamma=3)
         with pytest.raises(ValueError, match="exceeds the model's context of 256"):
             speculative_generate(t, d, prompt, max_new_tokens=40, gamma=3, temperature=1.0, seed=0)
-        ids, _ = speculative_generate(t, d, prompt, max_new_tokens=6, gamma=3)  # inside the context: fine
+        ids, _ = speculative_generate(t, d, prompt, max_new_tokens=6, gamma=3, eos_token_id=[])  # inside the context: fine
         assert ids.shape[1] == 256
     finally:
         t.config.max_position_embeddings = d.config.max_position_embeddings = 128
@@ -157,3 +157,49 @@ def test_greedy_chain_acceptance_is_shared_and_stops_at_the_first_miss():
     assert accept_greedy(T([9, 6]), T([5, 6])) == 0
     n, tok = verify_draft(torch.eye(4)[[1, 2, 0, 3]], None, T([1, 3, 0]))  # target argmax rows: 1, 2, 0, 3
     assert (n, tok) == (1, 2)
+
+
+def test_eos_ids_from_generation_config_list(pair):
+    "Issue 15: the generation config's eos list ends decoding as HF generate does; nothing after it is returned."
+    target, draft = pair
+    prompt = [3, 1, 4]
+    full = greedy_reference(target, prompt, 25)
+    ends = [full[9], full[5]]  # two tokens the target emits: the earlier of them must end the output
+    old = target.generation_config.eos_token_id
+    target.generation_config.eos_token_id = ends
+    try:
+        assert eos_token_ids(target) == sorted(set(ends))
+        with torch.no_grad():
+            hf = target.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                                 do_sample=False, max_new_tokens=25, pad_token_id=0)[0, 3:].tolist()
+        cut = min(full.index(e) for e in ends) + 1
+        assert hf[:cut] == full[:cut]
+        for gamma in (1, 3, 6):
+            ids, st = speculative_generate(target, draft, prompt, max_new_tokens=25, gamma=gamma)
+            assert ids[0, 3:].tolist() == full[:cut] and st.new_tokens == cut
+    finally:
+        target.generation_config.eos_token_id = old
+
+
+@pytest.fixture(scope="module")
+def zoo_pair():
+    from posttrain_nb import zoo
+    teacher, tok = zoo.load("teacher")
+    draft, _ = zoo.load("draft")
+    return teacher, draft, tok
+
+
+def test_both_entry_points_stop_at_eos_like_hf_on_task_prompts(zoo_pair):
+    "speculative_generate (the public name) and speculative_decode agree with HF greedy up to and including eos."
+    from posttrain_nb.core import generate, render_prompts, encode_texts
+    from posttrain_nb.tasks import ArithTask
+    teacher, draft, tok = zoo_pair
+    prompts = [it.prompt for it in ArithTask().sample(6, seed=0, split="test")]
+    ref = generate(teacher, tok, prompts, max_new_tokens=48, batch_size=1)
+    eos = eos_token_ids(teacher, tok)
+    assert any(r and r[-1] in eos and len(r) < 48 for r in ref.completion_ids)  # some prompts end early: the test bites
+    out, _ = speculative_decode(teacher, draft, tok, prompts, 48, gamma=4)
+    assert out.completion_ids == ref.completion_ids
+    for p, r in zip(encode_texts(tok, render_prompts(tok, prompts, True)), ref.completion_ids):
+        ids, _ = speculative_generate(teacher, draft, p, 48, gamma=4)
+        assert ids[0, len(p):].tolist() == r

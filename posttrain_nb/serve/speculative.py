@@ -14,8 +14,8 @@ from ..core import Generation, generate, render_prompts, sampling_probs, check_s
 
 # %% auto #0
 __all__ = ['residual_distribution', 'speculative_step_probs', 'accept_greedy', 'verify_draft', 'expected_tokens_per_call',
-           'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'prompt_tensor',
-           'speculative_generate', 'speculative_decode', 'call_cost_ratio']
+           'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'eos_token_ids',
+           'prompt_tensor', 'speculative_generate', 'speculative_decode', 'call_cost_ratio']
 
 # %% ../../nbs/46_speculative.ipynb #5adfc8d0
 # the filtered distributions p and q come from core's one sampler: `sampling_probs(logits, temperature, top_k, top_p)`
@@ -165,6 +165,16 @@ def check_context(models:list, # the causal LMs that will see the sequence
             raise ValueError(f"the prompt has {prompt_len} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
                              f"model's context of {limit}; shorten it or lower max_new_tokens")
 
+def eos_token_ids(model, # a causal LM: its generation_config.eos_token_id (int or list), else its config's
+                  tokenizer=None, # its tokenizer, whose eos_token_id counts too
+                 ) -> list: # the ids that end a sequence, sorted, without duplicates
+    "Every end-of-sequence id of a model and its tokenizer (HF `generate` stops at the generation config's)."
+    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if e is None: e = getattr(getattr(model, "config", None), "eos_token_id", None)
+    ids = set() if e is None else {int(e)} if isinstance(e, int) else {int(t) for t in e}
+    if tokenizer is not None and tokenizer.eos_token_id is not None: ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
 def prompt_tensor(input_ids, # [L] or [1, L] prompt token ids
                   device, # where the models live
                  ) -> torch.Tensor: # [1, L] LongTensor
@@ -186,7 +196,7 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                          top_k:int=0, # top-k filtering applied to both models (0: none)
                          top_p:float=1.0, # nucleus filtering applied to both models (1: none)
                          seed:int|None=None, # seed of the sampler (rejection uniforms and draws)
-                         eos_token_id:int|None=None, # stop after emitting this token
+                         eos_token_id:int|list|None=None, # stop after emitting any of these; None: the target's eos ids; []: never
                          tokenizers:tuple|None=None, # (target, draft) tokenizers, to refuse mismatched vocabularies
                          min_draft_prob:float=0.0, # stop drafting after a token the draft gives less than this (still lossless)
                         ) -> tuple: # (ids [1, L + new] LongTensor, SpecStats)
@@ -199,6 +209,8 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
     gen = torch.Generator(device=device)
     if seed is not None: gen.manual_seed(seed)
     else: gen.seed()
+    eos = set(eos_token_ids(target, tokenizers[0] if tokenizers else None) if eos_token_id is None else
+              [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
     greedy, L0, stats = temperature == 0, ids.shape[1], SpecStats(gamma)
     tcache = dcache = None; dlen = 0
     modes = (target.training, draft.training); target.eval(); draft.eval()
@@ -221,7 +233,7 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                         tok = torch.multinomial(qs[-1], 1, generator=gen)[0]; conf = float(qs[-1][tok])
                     drafts.append(tok); x = tok.view(1, 1)
                     # an unsure or final draft token is unlikely to be followed by accepted ones: verify now
-                    if conf < min_draft_prob or (eos_token_id is not None and int(tok) == eos_token_id): break
+                    if conf < min_draft_prob or int(tok) in eos: break
                 d = len(drafts)
                 dr = torch.stack(drafts) if d else ids.new_empty(0)
                 tlen = 0 if tcache is None else tcache.get_seq_length()
@@ -235,8 +247,9 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                     n, t = verify_draft(sampling_probs(z, temperature, top_k, top_p), q, dr, gen)
                 new = dr[:n].tolist() + [t]
                 stats.accepted.append(n); stats.drafted.append(d)
-                stop = eos_token_id is not None and eos_token_id in new
-                if stop: new = new[:new.index(eos_token_id) + 1]
+                end = next((i for i, t in enumerate(new) if t in eos), None)  # never emit a token after an end token
+                stop = end is not None
+                if stop: new = new[:end + 1]
                 ids = torch.cat([ids, torch.tensor([new], device=device)], 1)
                 crop_cache(tcache, ids.shape[1] - 1)
                 if dcache is not None:
@@ -262,16 +275,17 @@ def speculative_decode(target, # the target causal LM
                        progress:bool=False, # progress bar over prompts
                        min_draft_prob:float=0.0, # stop a round's drafting at a token the draft is less sure of
                       ) -> tuple: # (core.Generation, pooled SpecStats)
-    "Speculative decoding of many prompts, one at a time."
+    "Speculative decoding of many prompts, one at a time (`speculative_generate` on each, stopping at the eos ids)."
     texts = render_prompts(tokenizer, prompts, chat)
     p_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for i, p in enumerate(p_ids):  # every prompt is checked before any is decoded
         try: check_context([target, draft], len(p), max_new_tokens)
         except ValueError as e: raise ValueError(f"prompt {i}: {e}") from None
+    eos = eos_token_ids(target, tokenizer)
     stats, outs, t0 = SpecStats(gamma), [], time.perf_counter()
     for i, p in enumerate(tqdm(p_ids, disable=not progress, desc=f"speculative γ={gamma}")):
         ids, st = speculative_generate(target, draft, p, max_new_tokens, gamma, temperature, top_k, top_p,
-                                       None if seed is None else seed + i, tokenizer.eos_token_id,
+                                       None if seed is None else seed + i, eos,
                                        min_draft_prob=min_draft_prob)
         outs.append(ids[0, len(p):].tolist()); stats = stats.merge(st)
     dec = tokenizer.batch_decode(outs, skip_special_tokens=True)
