@@ -302,12 +302,10 @@ class LLM:
                  max_model_len:int|None=None, # longest prompt + output; None = the model's max_position_embeddings
                  enable_prefix_caching:bool=True, # reuse the KV of full prompt blocks seen before
                  attn_backend:str="auto", # decode attention: 'auto', 'torch' or 'triton'
-                 draft_model=None, # speculative decoding proposer (hook for serve.speculative)
+                 speculative_model=None, # draft causal LM (same vocabulary) or MedusaHeads: speculative decoding (serve.speculative)
+                 num_speculative_tokens:int=0, # drafts per sequence per decode step (with speculative_model)
                  download:bool=False, # when `model` is a Hub repo id that is not on disk, fetch it (off: nothing touches the network)
                 ):
-        if draft_model is not None:
-            raise NotImplementedError("speculative decoding is not part of this engine; posttrain_nb.serve.speculative "
-                                      "fills in the draft_model= hook")
         for name, v in (("block_size", block_size), ("num_blocks", num_blocks), ("kv_cache_memory", kv_cache_memory),
                         ("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                         ("max_model_len", max_model_len)):
@@ -336,6 +334,10 @@ class LLM:
         self.eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.vocab_size = self.runner.embed.num_embeddings
         self._finished, self._seqs, self.num_steps = {}, [], 0
+        self.spec = None  # speculative decoding: decode steps draft and verify several tokens per sequence
+        if speculative_model is not None or num_speculative_tokens:
+            from posttrain_nb.serve.speculative import SpecDecoder
+            self.spec = SpecDecoder(self, speculative_model, num_speculative_tokens)
 
     # -- requests --------------------------------------------------------------------------------------------
     def _error_output(self, rid, prompt, ids, msg, metrics):
@@ -445,32 +447,37 @@ class LLM:
             return []
         try:
             if copies: self.runner.copy_blocks(copies)
-            logits = self.runner.forward(*self._batch_tensors(seqs, is_prefill))
-            pairs = list(zip(seqs, sample_next(logits, seqs)))
+            if self.spec is not None and not is_prefill: pairs = list(zip(seqs, self.spec.step(seqs)))
+            else:
+                logits = self.runner.forward(*self._batch_tensors(seqs, is_prefill))
+                pairs = [(s, [t]) for s, t in zip(seqs, sample_next(logits, seqs))]
             for row, s in enumerate(seqs if is_prefill else []):
                 for j in range(1, s.pending_forks + 1):  # parallel sampling: share the prompt's blocks, copy on write
                     child = Sequence(s.request_id, s.token_ids, s.params, s.metrics, s.prompt, sample_index=j)
                     self.block_manager.fork(s, child)
                     child.status = "running"
                     self.scheduler.running.append(child); self._seqs.append(child)
-                    pairs.append((child, sample_next(logits[row:row + 1], [child])[0]))
+                    pairs.append((child, sample_next(logits[row:row + 1], [child])))
                 s.pending_forks = 0
         except Exception as e:  # this step's requests fail alone; their blocks go back to the pool
             self._fail_requests({s.request_id for s in seqs}, f"failed in an engine step: {type(e).__name__}: {e}")
             self.num_steps += 1
             return []
         now, done = time.perf_counter(), []
-        for s, tok in pairs:
-            s.token_ids.append(tok)
-            m = s.metrics
-            if m.first_token_time is None: m.first_token_time = now
-            if is_prefill and m.num_preemptions == 0 and s.sample_index == 0: m.num_cached_tokens = s.num_cached_tokens
-            p = s.params
-            stop = p.stop_token_ids if p.stop_token_ids is not None else ([] if p.ignore_eos else self.eos_ids)
-            if tok in stop: s.finish_reason = "stop"
-            elif s.num_output_tokens >= p.max_tokens or len(s) >= self.max_model_len: s.finish_reason = "length"
-            if s.finish_reason:
-                self.scheduler.finish(s); done.append(s); self._seqs.remove(s)
+        for s, toks in pairs:
+            for tok in toks:  # one token, or a speculative step's accepted drafts and the target's token
+                s.token_ids.append(tok)
+                m = s.metrics
+                if m.first_token_time is None: m.first_token_time = now
+                if is_prefill and m.num_preemptions == 0 and s.sample_index == 0: m.num_cached_tokens = s.num_cached_tokens
+                p = s.params
+                stop = p.stop_token_ids if p.stop_token_ids is not None else ([] if p.ignore_eos else self.eos_ids)
+                if tok in stop: s.finish_reason = "stop"
+                elif s.num_output_tokens >= p.max_tokens or len(s) >= self.max_model_len: s.finish_reason = "length"
+                if s.finish_reason:
+                    self.scheduler.finish(s); done.append(s); self._seqs.remove(s)
+                    if self.spec is not None: self.spec.release(s)
+                    break
         self.num_steps += 1
         return done
 
