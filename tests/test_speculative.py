@@ -203,3 +203,113 @@ def test_both_entry_points_stop_at_eos_like_hf_on_task_prompts(zoo_pair):
     for p, r in zip(encode_texts(tok, render_prompts(tok, prompts, True)), ref.completion_ids):
         ids, _ = speculative_generate(teacher, draft, p, 48, gamma=4)
         assert ids[0, len(p):].tolist() == r
+
+
+# ---- speculative decoding inside the paged engine (LLM(..., speculative_model=, num_speculative_tokens=)) ----
+from posttrain_nb.serve.engine import LLM, SamplingParams
+from posttrain_nb.serve.medusa import MedusaHeads
+
+
+def random_requests(n, seed, max_len=40):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+    return [torch.randint(0, V, (r(1, 20),), generator=g).tolist() for _ in range(n)], [r(1, max_len) for _ in range(n)]
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_engine_greedy_identical_to_no_draft(pair, k):
+    "Lossless, greedy: the same engine with and without a draft emits the same tokens, for a poor draft and any k."
+    target, draft = pair
+    prompts, lens = random_requests(16, k)
+    ps = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens]
+    base = LLM(target, block_size=4, num_blocks=120).generate(prompts, ps)
+    for spec_model in (draft, target, MedusaHeads(target, 3)):
+        llm = LLM(target, block_size=4, num_blocks=120, speculative_model=spec_model, num_speculative_tokens=k)
+        out = llm.generate(prompts, ps)
+        assert [o.token_ids for o in out] == [b.token_ids for b in base]
+        assert [len(o.token_ids) for o in out] == lens
+        if spec_model is target: assert llm.spec.acceptance_rate == 1.0  # p == q: nothing is ever rejected
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks  # lookahead blocks all returned
+        if hasattr(llm.spec.proposer, "bm"): assert llm.spec.proposer.bm.num_free_blocks == llm.spec.proposer.bm.num_blocks
+
+
+def brute_force_marginals(target, prompt, tau):
+    "Exact distributions of generated tokens 2 and 3 (marginal over the earlier ones), from V + V² target forwards."
+    with torch.no_grad():
+        P = lambda rows: sampling_probs(target(torch.tensor(rows)).logits[:, -1], tau)
+        p1 = P([prompt])[0]
+        p2_given = P([prompt + [a] for a in range(V)])  # [V, V]
+        p3_given = P([prompt + [a, b] for a in range(V) for b in range(V)]).view(V, V, V)
+    p12 = p1[:, None] * p2_given
+    return p12.sum(0), (p12[:, :, None] * p3_given).sum((0, 1))
+
+
+@pytest.mark.parametrize("proposer", ["draft", "medusa"])
+def test_engine_sampling_matches_target_distribution(pair, proposer):
+    "Lossless, sampled: tokens 2 and 3 (drafted and verified in the engine) follow the target's distribution (χ²)."
+    import copy
+    target, draft = (copy.deepcopy(m) for m in pair)
+    with torch.no_grad():  # random tiny models are near uniform; peaked distributions make a wrong rule visible
+        target.lm_head.weight.mul_(25); draft.lm_head.weight.mul_(25)
+    prompt, tau, n = [2, 7, 1], 1.0, 2500
+    spec_model = draft if proposer == "draft" else MedusaHeads(target, 2)
+    if proposer == "medusa":
+        set_seed(3)
+        for b in spec_model.blocks: torch.nn.init.normal_(b.linear.weight, std=0.5)  # heads that guess, often wrongly
+    llm = LLM(target, block_size=4, num_blocks=4000, speculative_model=spec_model, num_speculative_tokens=3)
+    out = llm.generate([prompt] * n, [SamplingParams(temperature=tau, max_tokens=4, seed=s, ignore_eos=True) for s in range(n)])
+    toks = torch.tensor([o.token_ids for o in out])
+    assert toks.shape == (n, 4) and 0 < llm.spec.acceptance_rate < 1  # drafts are both accepted and rejected
+    p2, p3 = brute_force_marginals(target, prompt, tau)
+    assert chi2_pvalue(torch.bincount(toks[:, 1], minlength=V).float(), p2) > 1e-3
+    assert chi2_pvalue(torch.bincount(toks[:, 2], minlength=V).float(), p3) > 1e-3
+
+
+def test_engine_speculative_soak(pair):
+    "A few dozen mixed requests (greedy and sampled, n=2, stop ids, eos, tiny pool that forces preemption): no token after a stop, greedy ones equal the no-draft engine, every block comes back."
+    target, draft = pair
+    prompts, lens = random_requests(40, 7, max_len=30)
+    ps = []
+    for i, n in enumerate(lens):
+        kind = i % 4
+        if kind == 0: ps.append(SamplingParams(max_tokens=n, ignore_eos=True))
+        elif kind == 1: ps.append(SamplingParams(max_tokens=n))  # the tiny config's eos id (2) ends it early
+        elif kind == 2: ps.append(SamplingParams(max_tokens=n, stop_token_ids=[5, 9]))
+        else: ps.append(SamplingParams(max_tokens=n, temperature=1.0, seed=i, n=2))
+    base = LLM(target, block_size=4, num_blocks=60).generate(prompts, ps)
+    llm = LLM(target, block_size=4, num_blocks=30, max_num_seqs=16, speculative_model=draft, num_speculative_tokens=4)
+    out = llm.generate(prompts, ps)
+    assert llm.scheduler.num_preemptions > 0  # the small pool really preempted
+    eos = eos_token_ids(target)
+    for o, b, p in zip(out, base, ps):
+        assert o.ok
+        for ids in ([o.token_ids] + [s[1] for s in o.samples]):
+            stops = p.stop_token_ids if p.stop_token_ids is not None else ([] if p.ignore_eos else eos)
+            assert 1 <= len(ids) <= p.max_tokens
+            assert not any(t in stops for t in ids[:-1])  # nothing after a stop token
+            assert (ids[-1] in stops) == (o.finish_reason == "stop") or p.n > 1
+        if p.temperature == 0: assert o.token_ids == b.token_ids and o.finish_reason == b.finish_reason
+    assert any(o.finish_reason == "stop" for o in out) and any(o.finish_reason == "length" for o in out)
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert llm.spec.proposer.bm.num_free_blocks == llm.spec.proposer.bm.num_blocks and not llm.spec.proposer.states
+
+
+def test_engine_speculative_bad_input(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="num_speculative_tokens must be an integer >= 1"): LLM(target, speculative_model=draft)
+    with pytest.raises(ValueError, match="needs a speculative_model"): LLM(target, num_speculative_tokens=3)
+    with pytest.raises(ValueError, match="different vocab sizes"):
+        LLM(target, speculative_model=tiny_llama(1, 0, 13), num_speculative_tokens=2)
+
+
+def test_engine_speculative_on_the_zoo_stops_at_eos(zoo_pair):
+    "The zoo teacher with the zoo draft in the engine: identical to the engine without a draft, eos included."
+    teacher, draft, tok = zoo_pair
+    from posttrain_nb.tasks import ArithTask
+    prompts = [it.prompt for it in ArithTask().sample(8, seed=1, split="test")]
+    sp = SamplingParams(max_tokens=48)
+    base = LLM(teacher, tok).generate(prompts, sp, chat=True)
+    llm = LLM(teacher, tok, speculative_model=draft, num_speculative_tokens=4)
+    out = llm.generate(prompts, sp, chat=True)
+    assert [o.token_ids for o in out] == [b.token_ids for b in base]
+    assert any(o.finish_reason == "stop" for o in out) and llm.spec.acceptance_rate > 0.5
