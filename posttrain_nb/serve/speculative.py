@@ -440,7 +440,8 @@ class SpecDecoder:
             raise ValueError(f"num_speculative_tokens must be an integer >= 1 with a speculative_model, got {num_speculative_tokens!r}")
         self.llm, self.k = llm, num_speculative_tokens
         self.proposer = make_proposer(llm, speculative_model)
-        self.num_drafted = self.num_accepted = self.num_steps = self.num_emitted = 0
+        self.stats = SpecStats(num_speculative_tokens)  # one entry per sequence and step: drafted, accepted
+        self.num_steps = 0
 
     def step(self,
              seqs:list, # the running sequences of a decode step (their last token has a KV slot)
@@ -469,7 +470,8 @@ class SpecDecoder:
             out.append(d[:n] + [t])
             shrink_table(bm, s, n_tok + n)  # target KV valid for the old tokens and the accepted drafts
             self.proposer.accepted(s, n_tok + n, hidden[0][row - len(d) - 1 + n] if hidden else None)
-            self.num_drafted += len(d); self.num_accepted += n; self.num_emitted += n + 1
+            self.stats.drafted.append(len(d)); self.stats.accepted.append(n)
+            self.stats.new_tokens += n + 1; self.stats.target_calls += 1  # a "call" = one sequence's k+1 verified rows
         self.num_steps += 1
         return out
 
@@ -478,8 +480,10 @@ class SpecDecoder:
         self.proposer.release(seq)
 
     @property
-    def acceptance_rate(self) -> float: return self.num_accepted / max(1, self.num_drafted)
+    def acceptance_rate(self) -> float: return self.stats.acceptance_rate
 
+
+# %% ../../nbs/46_speculative.ipynb #sd000105
 @contextmanager
 def capture_hidden(lm_head, # the target's output layer
                    enabled:bool=True, # False: capture nothing
