@@ -313,3 +313,13 @@ def test_engine_speculative_on_the_zoo_stops_at_eos(zoo_pair):
     out = llm.generate(prompts, sp, chat=True)
     assert [o.token_ids for o in out] == [b.token_ids for b in base]
     assert any(o.finish_reason == "stop" for o in out) and llm.spec.acceptance_rate > 0.5
+
+
+def test_engine_requests_with_engine_only_sampling_are_not_speculated(pair):
+    "Penalties, logprobs and min_tokens belong to the engine's sampler: such requests decode one token a step through it."
+    target, draft = pair
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    sp.repetition_penalty = 1.3  # as the vLLM-style SamplingParams will carry it
+    llm = LLM(target, block_size=4, num_blocks=60, speculative_model=draft, num_speculative_tokens=3)
+    out = llm.generate([[1, 2, 3]], sp)
+    assert len(out[0].token_ids) == 12 and sum(llm.spec.stats.drafted) == 0 and llm.spec.stats.target_calls == 11

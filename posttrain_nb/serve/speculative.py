@@ -19,7 +19,7 @@ from .kv_cache import BlockManager, KVSequence
 __all__ = ['residual_distribution', 'speculative_step_probs', 'accept_greedy', 'verify_draft', 'expected_tokens_per_call',
            'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'eos_token_ids',
            'prompt_tensor', 'speculative_generate', 'speculative_decode', 'grow_table', 'shrink_table', 'paged_forward',
-           'DraftState', 'draw', 'DraftModelProposer', 'SpecDecoder', 'capture_hidden', 'MedusaProposer',
+           'DraftState', 'draw', 'DraftModelProposer', 'speculates', 'SpecDecoder', 'capture_hidden', 'MedusaProposer',
            'make_proposer', 'call_cost_ratio']
 
 # %% ../../nbs/46_speculative.ipynb #5adfc8d0
@@ -427,18 +427,28 @@ class DraftModelProposer:
 
 
 # %% ../../nbs/46_speculative.ipynb #sd000104
+def speculates(seq) -> bool:
+    "Whether a sequence's sampling is plain (temperature, top-k, top-p), so its drafts can be verified by `verify_draft`."
+    p = seq.params  # penalties, logprobs and min_tokens are the engine sampler's: such a request decodes one token a step
+    if getattr(p, "logprobs", None) is not None: return False
+    if getattr(p, "presence_penalty", 0) or getattr(p, "frequency_penalty", 0) or getattr(p, "repetition_penalty", 1) != 1:
+        return False
+    return seq.num_output_tokens >= (getattr(p, "min_tokens", 0) or 0)
+
 class SpecDecoder:
     "Batched draft-then-verify for the engine's decode steps (vLLM's speculative_model / num_speculative_tokens)."
     def __init__(self,
                  llm, # the serve.engine.LLM whose runner and block manager verify
                  speculative_model, # a draft causal LM sharing the target's vocabulary (or a MedusaHeads)
                  num_speculative_tokens:int, # k: drafts per sequence per step
+                 sample_fn=None, # the engine's sampler (logits [B, V], seqs) -> ids, for steps without drafts
                 ):
         if speculative_model is None:
             raise ValueError("num_speculative_tokens needs a speculative_model (a draft causal LM or MedusaHeads)")
         if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an integer >= 1 with a speculative_model, got {num_speculative_tokens!r}")
-        self.llm, self.k = llm, num_speculative_tokens
+        if sample_fn is None: from posttrain_nb.serve.engine import sample_next as sample_fn
+        self.llm, self.k, self.sample_fn = llm, num_speculative_tokens, sample_fn
         self.proposer = make_proposer(llm, speculative_model)
         self.stats = SpecStats(num_speculative_tokens)  # one entry per sequence and step: drafted, accepted
         self.num_steps = 0
@@ -452,6 +462,7 @@ class SpecDecoder:
         ks = []
         for s in seqs:  # never draft past max_tokens or the context; a full pool means a plain decode step
             k = max(0, min(self.k, s.params.max_tokens - s.num_output_tokens - 1, llm.max_model_len - len(s) - 1))
+            k = k if speculates(s) else 0
             ks.append(k if k and grow_table(bm, s, len(s) + k) else 0)
         drafts, qs = self.proposer.propose(seqs, ks)
         L = [len(s) for s in seqs]
@@ -463,7 +474,8 @@ class SpecDecoder:
             zi, row = z[row:row + len(d) + 1], row + len(d) + 1  # row j scores d[j]; the last row is the bonus
             p = s.params
             dr = torch.tensor(d, dtype=torch.long, device=zi.device)
-            if p.temperature == 0: n, t = verify_draft(zi, None, dr)
+            if not d: n, t = 0, self.sample_fn(zi, [s])[0]  # no drafts: exactly the engine's own decode step
+            elif p.temperature == 0: n, t = verify_draft(zi, None, dr)
             else:
                 q = q if q is not None else zi.new_empty(0, zi.shape[-1])
                 n, t = verify_draft(sampling_probs(zi, p.temperature, p.top_k, p.top_p), q, dr, s.generator)
