@@ -542,9 +542,9 @@ class MedusaProposer:
         self.hidden[id(seq)] = (seq, hidden)
 
 def make_proposer(llm, speculative_model):
-    "The proposer for `speculative_model`: a draft causal LM (its own paged KV) or Medusa heads on the target."
-    from posttrain_nb.serve.medusa import MedusaHeads
-    if isinstance(speculative_model, MedusaHeads): return MedusaProposer(llm, speculative_model)
+    "The proposer for `speculative_model`: heads with `.propose(h, t1, k)`, `.n_heads`, `.lm_weight` (Medusa), else a draft causal LM."
+    if all(hasattr(speculative_model, a) for a in ("propose", "n_heads", "lm_weight")):
+        return MedusaProposer(llm, speculative_model)
     check_pair(llm.runner.model, speculative_model)
     return DraftModelProposer(speculative_model, llm.block_manager.num_blocks, llm.block_size, llm.max_model_len,
                               llm.runner.attn_backend)
