@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 __all__ = ['ZERO_GRAD_PATIENCE', 'set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts',
            'encode_texts', 'pad_token_id', 'context_length', 'encode_for_training', 'logprobs_from_logits',
            'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'masked_mean', 'masked_whiten', 'Generation',
-           'generate', 'check_sampling', 'sampling_probs', 'sample_token', 'save_safetensors_atomic',
+           'generate', 'check_sampling', 'sampling_probs', 'sample_token', 'token_counts', 'apply_penalties',
+           'TopLogprobs', 'top_logprobs', 'find_stop', 'IncrementalDetokenizer', 'save_safetensors_atomic',
            'load_safetensors', 'TrainConfig', 'lr_at', 'sample_batch', 'OnlineData', 'TrainResult', 'train_loop',
            'add_lora', 'export_model']
 
@@ -307,6 +308,164 @@ def sample_token(logits:torch.Tensor, # [..., V] next-token logits
     if temperature == 0: check_sampling(temperature, top_k, top_p); return logits.argmax(-1)
     p = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
+
+# %% ../nbs/00_core.ipynb #baaaf950
+def _per_row(v, B:int, name:str, device) -> torch.Tensor:
+    "A scalar or one value per row, as a float32 [B] tensor (checked finite)."
+    t = torch.as_tensor(v, dtype=torch.float32, device=device)
+    if t.dim() == 0: t = t.expand(B)
+    if t.shape != (B,): raise ValueError(f"{name} must be a number or one number per row ({B}), got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all(): raise ValueError(f"{name} must be finite, got {v!r}")
+    return t
+
+def token_counts(ids:Sequence[Sequence[int]], # one token id list per row (lengths may differ)
+                 vocab_size:int, # V
+                 device=None, # where the counts live
+                ) -> torch.Tensor: # [B, V] int64: how often each token occurs in each row
+    "Per-row token histograms, in one `scatter_add_` over the padded ids (pad = an extra bin that is dropped)."
+    B = len(ids)
+    if B == 0 or max((len(r) for r in ids), default=0) == 0:
+        return torch.zeros(B, vocab_size, dtype=torch.long, device=device)
+    padded, mask = pad_sequences(ids, vocab_size, "right")
+    real = padded[mask.bool()]
+    if real.numel() and (real.min() < 0 or real.max() >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got {int(real.min())}..{int(real.max())}")
+    padded = padded.to(device)
+    counts = torch.zeros(B, vocab_size + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded))
+    return counts[:, :vocab_size]
+
+def apply_penalties(logits:torch.Tensor, # [B, V] next-token logits, one row per sequence
+                    prompt_ids:Sequence[Sequence[int]], # each row's prompt token ids (repetition penalty only)
+                    output_ids:Sequence[Sequence[int]], # each row's generated token ids so far
+                    presence_penalty:float|Sequence[float]=0.0, # subtracted once from every token already generated; [-2, 2]
+                    frequency_penalty:float|Sequence[float]=0.0, # subtracted per occurrence in the output; [-2, 2]
+                    repetition_penalty:float|Sequence[float]=1.0, # > 0; divides positive / multiplies negative logits of tokens seen in prompt or output (1: off)
+                   ) -> torch.Tensor: # [B, V] penalised logits (a new tensor; the input is not modified)
+    "vLLM's penalties: repetition (HF/CTRL, over prompt + output), then OpenAI's frequency and presence (over the output)."
+    if logits.dim() != 2: raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    if len(prompt_ids) != B or len(output_ids) != B:
+        raise ValueError(f"need one prompt and one output id list per row: {B} rows, got {len(prompt_ids)} prompts "
+                         f"and {len(output_ids)} outputs")
+    pres = _per_row(presence_penalty, B, "presence_penalty", logits.device)
+    freq = _per_row(frequency_penalty, B, "frequency_penalty", logits.device)
+    rep = _per_row(repetition_penalty, B, "repetition_penalty", logits.device)
+    if (pres.abs() > 2).any() or (freq.abs() > 2).any():
+        raise ValueError(f"presence_penalty and frequency_penalty must be in [-2, 2] (OpenAI's range), got "
+                         f"{presence_penalty!r} and {frequency_penalty!r}")
+    if (rep <= 0).any(): raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
+    z = logits.float().clone()
+    out_counts = token_counts(output_ids, V, logits.device)
+    if (rep != 1).any():
+        seen = (token_counts(prompt_ids, V, logits.device) > 0) | (out_counts > 0)
+        r = torch.where(seen, rep[:, None], torch.ones_like(z))
+        z = torch.where(z > 0, z / r, z * r)
+    z -= freq[:, None] * out_counts + pres[:, None] * (out_counts > 0)
+    return z.to(logits.dtype)
+
+# %% ../nbs/00_core.ipynb #301c51ae
+@dataclass
+class TopLogprobs:
+    "Log-probabilities a server reports: the k most likely tokens per row, and the chosen token's own."
+    token_ids: torch.Tensor # [B, k] the k most likely tokens, most likely first
+    logprobs: torch.Tensor # [B, k] their log-probabilities
+    chosen_logprob: torch.Tensor # [B] log-probability of the token actually chosen
+    chosen_rank: torch.Tensor # [B] its rank: 1 + the number of tokens strictly more likely (vLLM's convention)
+
+def top_logprobs(logits:torch.Tensor, # [B, V] the logits the probabilities come from (vLLM V1 reports the raw model's)
+                 k:int, # how many alternatives per row (0: only the chosen token)
+                 chosen:torch.Tensor, # [B] the token ids that were sampled
+                ) -> TopLogprobs:
+    "The k most likely tokens with their log-probabilities, plus the chosen token's log-probability and rank."
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0: raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    if logits.dim() != 2 or chosen.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [B, V] and chosen [B], got {tuple(logits.shape)} and {tuple(chosen.shape)}")
+    V = logits.shape[-1]
+    if k > V: raise ValueError(f"k={k} exceeds the vocabulary size {V}")
+    lp = logits.float().log_softmax(-1)
+    chosen_lp = lp.gather(1, chosen.long()[:, None])
+    rank = (lp > chosen_lp).sum(-1) + 1
+    vals, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], torch.zeros_like(lp[:, :0], dtype=torch.long))
+    return TopLogprobs(ids, vals, chosen_lp[:, 0], rank)
+
+# %% ../nbs/00_core.ipynb #4501f67b
+def find_stop(text:str, # the text so far
+              stop:Sequence[str], # stop strings
+              start:int=0, # search only matches that start at or after this index
+             ) -> tuple|None: # (index, stop string) of the match, or None
+    "The stop string that is completed first in `text[start:]` (on a tie, the longest) and where it starts."
+    best = None
+    for s in stop:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or (i + len(s), i) < (best[0] + len(best[1]), best[0])): best = (i, s)
+    return best
+
+class IncrementalDetokenizer:
+    "Text of a growing token sequence, released in safe pieces, ending at the first stop string as vLLM does."
+    def __init__(self, tokenizer, # a Hugging Face tokenizer
+                 stop:str|Sequence[str]=(), # stop strings: matched on the text across token boundaries
+                 include_stop_str_in_output:bool=False, # keep the matched stop string at the end of the text
+                 skip_special_tokens:bool=True, # drop special tokens (eos, pad, ...) from the text
+                ):
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) and s for s in stop): raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+        self.tokenizer, self.stop, self.include_stop = tokenizer, stop, include_stop_str_in_output
+        self.skip_special_tokens = skip_special_tokens
+        self.max_stop = max(map(len, stop), default=0)
+        self.token_ids, self.text, self.stop_reason = [], "", None  # text: everything decoded so far (cut at a stop)
+        self._prefix = self._read = self._shown = 0  # decode window start, end of the decoded part, chars released
+
+    @property
+    def finished(self) -> bool:
+        "A stop string was found; the text is final."
+        return self.stop_reason is not None
+
+    @property
+    def visible_text(self) -> str:
+        "The text released so far (what a client has been streamed)."
+        return self.text[:self._shown]
+
+    def _decode(self, ids): return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _append(self, new:str):
+        old = len(self.text); self.text += new
+        if not self.stop or not new: return
+        hit = find_stop(self.text, self.stop, max(0, old - self.max_stop + 1))  # a match must end in the new text
+        if hit:
+            i, s = hit
+            self.text, self.stop_reason = self.text[:i + len(s) * self.include_stop], s
+
+    def _held_back(self) -> int:  # the longest tail of the text that may still grow into a stop string
+        for k in range(min(self.max_stop - 1, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stop): return k
+        return 0
+
+    def _release(self, final:bool) -> str:
+        end = len(self.text) if final or self.finished else len(self.text) - self._held_back()
+        delta = self.text[self._shown:end]
+        self._shown = max(self._shown, end)
+        return delta
+
+    def add(self, token_ids:int|Sequence[int], # the newly generated token id(s)
+           ) -> str: # the text that became safe to show (may be empty)
+        "Append tokens; decode only a short window, and wait while it ends in an incomplete UTF-8 character."
+        if self.finished: raise RuntimeError(f"the text already ended at stop string {self.stop_reason!r}; add no more tokens")
+        self.token_ids += [int(token_ids)] if isinstance(token_ids, (int, np.integer)) else [int(t) for t in token_ids]
+        before = self._decode(self.token_ids[self._prefix:self._read])
+        window = self._decode(self.token_ids[self._prefix:])
+        if len(window) > len(before) and not window.endswith("\ufffd"):
+            self._append(window[len(before):])
+            self._prefix, self._read = self._read, len(self.token_ids)
+        return self._release(final=False)
+
+    def finish(self) -> str: # the rest of the text
+        "The sequence ended (eos, length, abort): release the held-back text, partial characters included."
+        if not self.finished:
+            before = self._decode(self.token_ids[self._prefix:self._read])
+            self._append(self._decode(self.token_ids[self._prefix:])[len(before):])
+            self._prefix = self._read = len(self.token_ids)
+        return self._release(final=True)
 
 # %% ../nbs/00_core.ipynb #e96be79b
 def save_safetensors_atomic(tensors:dict, # name -> tensor

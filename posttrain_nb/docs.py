@@ -16,6 +16,8 @@ from nbdev import serve_drv
 from nbdev.config import get_config
 from nbdev.doclinks import nbpath2html
 from nbdev.processors import FilterDefaults, exec_show_docs
+from fastcore.imports import in_notebook
+from fastcore.parallel import parallel
 from nbdev.serve import proc_nbs
 
 # %% auto #0
@@ -54,30 +56,21 @@ def _notebooks(nbs:Path): return [f for f in nbs.glob("*.ipynb") if not f.name.s
 
 # %% ../nbs/99_docs.ipynb #e98639b6
 def proc_notebooks(nbs:str|Path|None=None, # notebooks folder; None reads `nbs_path` from pyproject.toml
-                   force:bool=False, # reprocess every notebook, ignoring nbdev's cache
-                   strict:bool=False, # raise when nbdev cannot process a notebook, instead of falling back
-                  ) -> tuple: # (the `_proc` folder, {notebook file name: error} for those that needed the fallback)
-    "Process notebooks with `nbdev.serve.proc_nbs`; reprocess any it cannot with a safer processor, and warn."
+                   force:bool=False, # reprocess every notebook, ignoring the cache
+                   strict:bool=False, # use nbdev's own processor (runs every cell holding an import) and raise on failure
+                   n_workers:int|None=None, # parallel workers; None is one per CPU core
+                  ) -> Path: # the `_proc` folder
+    "Process notebooks for the docs: nbdev's processors, running only exports, import-only cells and `show_doc` calls."
     nbs = Path(nbs or get_config().nbs_path)
     cache = get_config(nbs).config_path / "_proc"
+    if strict: return proc_nbs(str(nbs), force=force, **({} if n_workers is None else {"n_workers": n_workers}))
     if force and cache.exists(): shutil.rmtree(cache)
-    try:
-        proc_nbs(str(nbs))
-        return cache, {}
-    except Exception:
-        if strict: raise
-    failed = {}
-    for nb in sorted(_notebooks(nbs)):
-        try: proc_nbs(str(nbs), file_glob=nb.name, n_workers=1)  # skips notebooks already done
-        except Exception as e:
-            failed[nb.name] = e
-            warnings.warn(f"nbdev could not process {nb.name}: {_why(e)}. nbdev runs every cell that contains an "
-                          "import to render docs, so keep imports in their own cells. Falling back to running only "
-                          "export, import-only and show_doc cells.")
-            os.environ["IN_TEST"] = "1"
-            try: serve_drv.exec_nb(nb, cache / nb.name, _SafeFilter)
-            finally: os.environ.pop("IN_TEST", None)
-    return cache, failed
+    cache.mkdir(parents=True, exist_ok=True)
+    def stale(nb): d = cache / nb.name; return not d.exists() or d.stat().st_mtime < nb.stat().st_mtime
+    todo = [(nb, cache / nb.name, _SafeFilter) for nb in sorted(_notebooks(nbs)) if stale(nb)]
+    parallel(serve_drv.main, todo, n_workers=n_workers or os.cpu_count() or 1, pause=0.01,
+             **({} if in_notebook() else {"method": "spawn"}))  # as nbdev's proc_nbs does
+    return cache
 
 # %% ../nbs/99_docs.ipynb #30f6b4b4
 _FRONTMATTER = re.compile(r"^---\n(.*?)\n---$", re.S)
@@ -375,7 +368,7 @@ def site_notebooks(nbs:str|Path|None=None, # notebooks folder; None reads pyproj
                   ) -> dict: # {page name: clean notebook}, index first, then chapters by file name
     "Process, clean and relink every notebook, in reading order; each keeps its file name in `metadata.source_file`."
     nbs = project_notebooks(nbs)
-    cache, _ = proc_notebooks(nbs, force=force, strict=strict)
+    cache = proc_notebooks(nbs, force=force, strict=strict)
     pages = {}
     for f in sorted(_notebooks(nbs), key=lambda f: (f.name != "index.ipynb", f.name)):
         page, nb = clean_nb(json.loads((cache / f.name).read_text()))
@@ -484,7 +477,7 @@ def write_readme(nbs:str|Path|None=None, # notebooks folder; None reads pyprojec
     from nbconvert import MarkdownExporter
     from nbconvert.preprocessors import TagRemovePreprocessor
     cfg = get_config()
-    cache, _ = proc_notebooks(nbs)
+    cache = proc_notebooks(nbs)
     _, nb = clean_nb(json.loads((cache / cfg.get("readme_nb", "index.ipynb")).read_text()))
     exporter = MarkdownExporter()
     exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"remove-input"}), enabled=True)

@@ -54,8 +54,16 @@ class OfflineBrowser:
         if "exceptionDetails" in r: raise RuntimeError(f"{expr[:80]}: {r['exceptionDetails']}")
         return r["result"].get("value")
 
-    def visit(self, url, settle=1.5):
-        "Load `url`, wait for MathJax to finish and the page to go quiet; returns a list of bad requests."
+    def _drain_until_quiet(self, quiet, limit):
+        "Collect events until none arrives for `quiet` seconds (or `limit` seconds pass)."
+        t0 = time.time()
+        while time.time() - t0 < limit:
+            n = len(self.events); self._drain(quiet)
+            if len(self.events) == n: break
+
+    def visit(self, url, ready=None, quiet=0.3, timeout=15):
+        """Load `url`, wait for MathJax, for the network to go quiet and, if given, for the JavaScript expression
+        `ready` to be true (polled up to `timeout` s); returns a list of bad requests."""
         self.events = []
         self.call("Page.navigate", session=True, url=url)
         t0 = time.time()
@@ -64,7 +72,10 @@ class OfflineBrowser:
             self._drain(0.2)
         self.eval("window.MathJax && MathJax.startup && MathJax.startup.promise ? "
                   "MathJax.startup.promise.then(() => true) : true", await_promise=True)
-        self._drain(settle)
+        self._drain_until_quiet(quiet, timeout)
+        t1 = time.time()
+        while ready and not self.eval(ready) and time.time() - t1 < timeout: self._drain(0.2)
+        self._drain_until_quiet(quiet, timeout)
         reqs = {e["params"]["requestId"]: e["params"]["request"]["url"]
                 for e in self.events if e.get("method") == "Network.requestWillBeSent"}
         bad = [f"failed: {reqs.get(e['params']['requestId'], '?')} ({e['params'].get('errorText')})"

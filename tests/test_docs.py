@@ -43,7 +43,8 @@ def rendered(site):
     if CHROMIUM is None: pytest.skip("chromium is not installed (apt-get install -y chromium)")
     b, out = OfflineBrowser(), {}
     try:
-        for page in pages(site): out[page.name] = (b.visit(page.as_uri()), b.eval(FACTS_JS))
+        for page in pages(site):   # ready once every explorer has drawn (or the page has none): no fixed sleep
+            out[page.name] = (b.visit(page.as_uri(), ready=f"{FACTS_JS}.empty_interact === 0"), b.eval(FACTS_JS))
     finally:
         b.close()
     return out

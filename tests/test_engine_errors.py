@@ -31,18 +31,18 @@ SP = SamplingParams(max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def reference(model):
-    return [o.token_ids for o in LLM(model, block_size=4, num_blocks=64, enable_prefix_caching=False).generate(PROMPTS, SP)]
+    return [o.outputs[0].token_ids for o in LLM(model, block_size=4, num_gpu_blocks=64, enable_prefix_caching=False).generate(PROMPTS, SP)]
 
 
 def test_one_engine_survives_bad_requests_step_errors_and_interrupts(model, reference):
-    llm = LLM(model, block_size=4, num_blocks=24)
+    llm = LLM(model, block_size=4, num_gpu_blocks=24)
     full = llm.block_manager.num_blocks
 
     bad = [[99999], [-1], [V], [1.5, 2], [], [True, 2], ["a"], None, "text but no tokenizer", {"ids": [1]}]
     res = llm.generate(PROMPTS[:2] + bad + PROMPTS[2:], SP)
     assert [r.ok for r in res] == [True, True] + [False] * len(bad) + [True, True]
-    assert [r.token_ids for r in res if r.ok] == reference
-    assert all(r.finish_reason == "error" and r.error for r in res[2:-2])
+    assert [r.outputs[0].token_ids for r in res if r.ok] == reference
+    assert all(r.outputs[0].finish_reason == "abort" and r.error for r in res[2:-2])
     assert "outside the model's vocabulary" in res[2].error and "outside" in res[3].error and "outside" in res[4].error
     assert "integers" in res[5].error and "integers" in res[7].error and "empty" in res[6].error
     assert llm.block_manager.num_free_blocks == full
@@ -63,24 +63,24 @@ def test_one_engine_survives_bad_requests_step_errors_and_interrupts(model, refe
     llm.scheduler.max_num_seqs = 256
     failed = [i for i, r in enumerate(res) if not r.ok]
     assert failed == [0, 1] and all("device fell over" in res[i].error for i in failed)
-    assert all(res[i].token_ids == reference[i] for i in range(len(PROMPTS)) if i not in failed)
+    assert all(res[i].outputs[0].token_ids == reference[i] for i in range(len(PROMPTS)) if i not in failed)
     assert llm.block_manager.num_free_blocks == full
 
     calls[0] = 0
     llm.runner.forward = failing(4, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS, SP)
-    assert llm.block_manager.num_free_blocks == full and not llm.has_unfinished()
+    assert llm.block_manager.num_free_blocks == full and not llm.has_unfinished_requests()
 
     llm.runner.forward = real_forward
-    assert [r.token_ids for r in llm.generate(PROMPTS, SP)] == reference  # no half-written KV served from the cache
+    assert [r.outputs[0].token_ids for r in llm.generate(PROMPTS, SP)] == reference  # no half-written KV served from the cache
     assert llm.block_manager.num_free_blocks == full
     llm.block_manager.check([])
 
 
 def test_interrupt_during_prefill_leaves_no_poisoned_prefix_cache(model, reference):
-    "The prompt blocks registered at admission must not be found again if their KV was never written."
-    llm = LLM(model, block_size=4, num_blocks=24)
+    "Prompt blocks enter the prefix cache only once their KV is computed: an interrupted prefill leaves nothing to hit."
+    llm = LLM(model, block_size=4, num_gpu_blocks=24)
     real_forward = llm.runner.forward
 
     def interrupted(*a): raise KeyboardInterrupt()
@@ -90,7 +90,7 @@ def test_interrupt_during_prefill_leaves_no_poisoned_prefix_cache(model, referen
     llm.runner.forward = real_forward
     res = llm.generate(PROMPTS, SP)
     assert [r.metrics.num_cached_tokens for r in res][0] == 0
-    assert [r.token_ids for r in res] == reference
+    assert [r.outputs[0].token_ids for r in res] == reference
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -119,7 +119,7 @@ def test_sampling_params_accept_exactly_the_valid_floats(t, p):
         with pytest.raises(ValueError): SamplingParams(temperature=t, top_p=p)
 
 
-@pytest.mark.parametrize("kw", [dict(block_size=0), dict(block_size=2.5), dict(num_blocks=0), dict(max_num_seqs=0),
+@pytest.mark.parametrize("kw", [dict(block_size=0), dict(block_size=2.5), dict(num_gpu_blocks=0), dict(max_num_seqs=0),
                                 dict(max_num_batched_tokens=-1), dict(max_model_len=0), dict(block_size=True)])
 def test_llm_refuses_malformed_sizes(model, kw):
     with pytest.raises(ValueError, match="must be a positive integer"):
@@ -136,3 +136,34 @@ def test_local_folder_loads_by_default():
     from posttrain_nb import zoo
     llm = LLM(str(zoo.model_path("draft")), max_num_seqs=2)  # local_files_only: a folder on disk needs no network
     assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))[0].ok
+
+
+def test_other_architectures_are_refused_before_any_allocation(monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+    from posttrain_nb.serve import engine
+    def no_alloc(*a, **k): raise AssertionError("the KV pool was allocated before the refusal")
+    monkeypatch.setattr(engine.ModelRunner, "__init__", no_alloc)
+    monkeypatch.setattr(engine, "BlockManager", no_alloc)
+    for m in (GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)),
+              GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32))):
+        with pytest.raises(ValueError, match=r"llama, mistral, qwen2, qwen3.*core.generate"):
+            LLM(m)
+
+
+def test_step_api_ids_abort_and_stream(model, reference):
+    llm = LLM(model, block_size=4, num_gpu_blocks=24)
+    full = llm.block_manager.num_free_blocks
+    llm.add_request("x", PROMPTS[0], SP)
+    with pytest.raises(ValueError, match="already in use"):
+        llm.add_request("x", PROMPTS[1], SP)
+    with pytest.raises(ValueError, match="outside"):
+        llm.add_request("y", [V + 5], SP)
+    llm.add_request("z", PROMPTS[2], SP)
+    outs = llm.step() + llm.step()
+    assert {o.request_id for o in outs} == {"x", "z"} and not any(o.finished for o in outs)
+    llm.abort_request(["x", "unknown"])
+    done = [o for _ in range(20) for o in llm.step() if o.finished]
+    assert [o.request_id for o in done] == ["z"] and done[0].outputs[0].token_ids == reference[2]
+    assert not llm.has_unfinished_requests() and llm.block_manager.num_free_blocks == full
+    chunks = list(llm.stream(PROMPTS[3], SP))
+    assert [len(c.outputs[0].token_ids) for c in chunks] == list(range(1, 9)) and chunks[-1].outputs[0].token_ids == reference[3]

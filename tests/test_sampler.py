@@ -80,6 +80,6 @@ def test_refuses_bad_settings(t, k, p):
 
 
 def test_callers_use_the_one_sampler():
-    from posttrain_nb.serve import engine, speculative
+    from posttrain_nb.serve import sampler, speculative
     assert speculative.sampling_probs is core.sampling_probs
-    assert engine.sample_token is core.sample_token
+    assert sampler.sampling_probs is core.sampling_probs

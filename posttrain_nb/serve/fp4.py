@@ -127,9 +127,12 @@ E4M3_MAX = 448.0  # largest float8_e4m3fn
 E4M3_TINY = 2.0 ** -6  # smallest normal float8_e4m3fn, torchao's lower clamp for block scales
 
 def nvfp4_global_scale(w:torch.Tensor, # the weight (or any tensor)
-                      ) -> torch.Tensor: # float32 scalar g = amax / (448 * 6)
-    "NVFP4's per-tensor dequantization scale, torchao's `per_tensor_amax_to_scale(amax)`."
-    return w.detach().abs().amax().float() / (E4M3_MAX * E2M1_MAX)
+                      ) -> torch.Tensor: # float32 scalar g: amax / (448 * 6) rounded up to a power of two
+    "NVFP4's per-tensor dequantization scale; a power of two, so that its reciprocal (what compressed-tensors stores) is exact."
+    g = w.detach().abs().amax().float() / (E4M3_MAX * E2M1_MAX)   # torchao's per_tensor_amax_to_scale(amax)
+    if not (bool(torch.isfinite(g)) and g > 0): return g          # quantize_nvfp4 handles 0 (and refuses non-finite)
+    mant, exp = torch.frexp(g)                                    # g = mant * 2^exp with mant in [0.5, 1)
+    return torch.where(mant == 0.5, g, torch.ldexp(torch.ones(()), exp))
 
 def _nvfp4_block_scales(blocks, g):
     "E4M3 block scales for blocks [..., 16] under global scale g."
@@ -137,14 +140,14 @@ def _nvfp4_block_scales(blocks, g):
     return (b.float() / g).clamp(E4M3_TINY, E4M3_MAX).to(torch.float8_e4m3fn)
 
 def quantize_nvfp4(w:torch.Tensor, # weight [N, K], K a multiple of 16
-                   global_scale:torch.Tensor|None=None, # per-tensor g; None computes amax(|w|)/(448*6)
+                   global_scale:torch.Tensor|None=None, # per-tensor g; None: nvfp4_global_scale(w)
                   ) -> tuple: # (packed uint8 [N, K/2], scales float8_e4m3fn [N, K/16], global_scale float32 scalar)
     "NVFP4, bit-exact with torchao's `NVFP4Tensor.to_nvfp4(w, per_tensor_scale=g)`."
     w = _check_weight(w, NVFP4_BLOCK, "quantize_nvfp4")
     N, K = w.shape
     g = nvfp4_global_scale(w) if global_scale is None else torch.as_tensor(global_scale, dtype=torch.float32)
     if global_scale is not None and (g.numel() != 1 or not (bool(torch.isfinite(g).all()) and g.item() > 0)):
-        raise ValueError(f"global_scale must be one finite number > 0 (the dequantization multiplier amax/(448*6)), got {global_scale!r}")
+        raise ValueError(f"global_scale must be one finite number > 0 (the dequantization multiplier, about amax/(448*6)), got {global_scale!r}")
     if g.item() == 0: g = torch.tensor(1.0)  # all-zero weight: any positive g encodes it (torchao would emit NaN)
     blocks = w.view(N, K // NVFP4_BLOCK, NVFP4_BLOCK)
     s8 = _nvfp4_block_scales(blocks, g)

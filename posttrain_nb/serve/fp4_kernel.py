@@ -5,22 +5,52 @@
 # %% ../../nbs/42_fp4_kernel.ipynb #cde68e48
 from __future__ import annotations
 import os
+from contextlib import contextmanager, nullcontext
 
 import torch
-from ..core import enable_triton_interpreter
-# Triton kernels run on the CPU only through its interpreter, which must be on before any @triton.jit runs
-if not torch.cuda.is_available(): enable_triton_interpreter()
-
 import triton
 import triton.language as tl
 from torch import nn
 
+from ..core import enable_triton_interpreter
 from .fp4 import (E2M1_VALUES, MX_BLOCK, NVFP4_BLOCK, quantize_nvfp4, dequantize_nvfp4,
                                     quantize_mxfp4, dequantize_mxfp4)
 
+def interpreting() -> bool:
+    "Whether Triton kernels are built for the CPU interpreter: no CUDA, or TRITON_INTERPRET=1 set by the user."
+    return not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+@contextmanager
+def triton_interpreter():
+    "Inside this block `triton.jit` builds kernels for Triton's CPU interpreter; TRITON_INTERPRET is restored on exit."
+    old = os.environ.get("TRITON_INTERPRET")
+    enable_triton_interpreter(force=True)  # sets the variable and re-decorates triton.language's own helpers (tl.max...)
+    try: yield
+    finally:
+        if old is None: os.environ.pop("TRITON_INTERPRET", None)
+        else: os.environ["TRITON_INTERPRET"] = old
+
+class lazy_jit:
+    "`@triton.jit` deferred to the first launch: without CUDA the kernel is built then, for the interpreter (importing sets nothing)."
+    def __init__(self, fn): self.fn, self.kernel = fn, None
+    def build(self):
+        "Decorate every lazy kernel of this module now; they replace their module names (kernels find each other there)."
+        g = self.fn.__globals__
+        lazies = [(name, v) for name, v in g.items() if isinstance(v, lazy_jit)]
+        with triton_interpreter() if interpreting() else nullcontext():
+            for name, v in lazies: v.kernel = g[name] = triton.jit(v.fn)
+        return self.kernel
+    def __getitem__(self, grid):
+        kernel = self.kernel or self.build()
+        if not interpreting(): return kernel[grid]
+        def launch(*args, **kwargs):  # the interpreter reads the variable while it runs, too
+            with triton_interpreter(): return kernel[grid](*args, **kwargs)
+        return launch
+    def __call__(self, *args, **kwargs): return (self.kernel or self.build())(*args, **kwargs)
+
 # %% auto #0
-__all__ = ['decode_bytes_per_token', 'roofline_seconds', 'fp4_matmul', 'fp4_dequantize', 'FP4Linear', 'is_fp4',
-           'model_bits_per_weight']
+__all__ = ['interpreting', 'triton_interpreter', 'lazy_jit', 'decode_bytes_per_token', 'roofline_seconds', 'fp4_matmul',
+           'fp4_dequantize', 'FP4Linear', 'is_fp4', 'model_bits_per_weight']
 
 # %% ../../nbs/42_fp4_kernel.ipynb #17de2e27
 def decode_bytes_per_token(n_linear:int, # weights in quantizable linears (attention + MLP)
@@ -40,7 +70,7 @@ def roofline_seconds(n_bytes:float, # bytes moved per step
     return max(n_bytes / bandwidth, flops / peak)
 
 # %% ../../nbs/42_fp4_kernel.ipynb #7ac2d4cf
-@triton.jit
+@lazy_jit
 def _decode_tile(q_ptr, s_ptr, lut_ptr, rn, k0, N, K, g,
                  IS_NVFP4: tl.constexpr, BLK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     "Decode the weight tile W[rn, k0:k0+BK] from packed E2M1 codes and block scales (steps 2-5)."
@@ -59,7 +89,7 @@ def _decode_tile(q_ptr, s_ptr, lut_ptr, rn, k0, N, K, g,
         w = v * bits.to(tl.float32, bitcast=True)
     return w
 
-@triton.jit
+@lazy_jit
 def _fp4_matmul_kernel(x_ptr, q_ptr, s_ptr, lut_ptr, y_ptr, M, N, K, g, stride_xm, stride_ym,
                        IS_NVFP4: tl.constexpr, BLK: tl.constexpr, X_FP32: tl.constexpr, EMULATE_16: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -76,7 +106,7 @@ def _fp4_matmul_kernel(x_ptr, q_ptr, s_ptr, lut_ptr, y_ptr, M, N, K, g, stride_x
         else: acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
-@triton.jit
+@lazy_jit
 def _fp4_dequant_kernel(q_ptr, s_ptr, lut_ptr, w_ptr, N, K, g,
                         IS_NVFP4: tl.constexpr, BLK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     "Write decode(W) tile by tile (the same steps, no multiply)."
@@ -115,7 +145,7 @@ def _check_fp4(packed, scales, global_scale, K=None):
 def _interpreting():
     # the interpreter's tl.dot mishandles 16-bit floats (numpy has no bf16); there we round w to x's dtype and
     # multiply in fp32, which gives the same products (bf16 x bf16 is exact in fp32) with fp32 accumulation
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 def _block_k(K, blk):
     return next(b for b in (64, 32, 16) if b % blk == 0 and K % b == 0)

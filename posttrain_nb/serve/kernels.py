@@ -4,33 +4,22 @@
 
 # %% ../../nbs/44_paged_attention.ipynb #578121db
 from __future__ import annotations
-import math, os
+import math
 
 import torch
 import torch.nn.functional as F
 
-from ..core import enable_triton_interpreter
-
-try:
-    if not torch.cuda.is_available(): enable_triton_interpreter()  # before the @triton.jit kernels below are defined
+try:  # triton is an optional dependency; the torch path works without it
     import triton
     import triton.language as tl
+    from posttrain_nb.serve.fp4_kernel import lazy_jit  # @triton.jit at first launch, for the interpreter on a CPU
     HAS_TRITON = True
-except ImportError:  # triton is an optional dependency; the torch path still works
+except ImportError:
     HAS_TRITON = False
 
 # %% auto #0
 __all__ = ['KV_LAYOUTS', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_torch', 'paged_prefill_attention',
-           'paged_attention_triton', 'paged_attention']
-
-# %% ../../nbs/44_paged_attention.ipynb #06eb4dcf
-try:  # the FP4 weight-only matmul lives in its own chapter; re-export it when that chapter is installed
-    from posttrain_nb.serve.fp4_kernel import fp4_matmul
-except ImportError:
-    fp4_matmul = None
-
-# %% ../../nbs/44_paged_attention.ipynb #d5073e7c
-if fp4_matmul is not None and "fp4_matmul" not in globals().get("__all__", ["fp4_matmul"]): __all__.append("fp4_matmul")
+           'paged_attention_group', 'paged_attention_triton', 'paged_attention']
 
 # %% ../../nbs/44_paged_attention.ipynb #65b42345
 KV_LAYOUTS = ("NHD", "HND")
@@ -145,9 +134,22 @@ def paged_prefill_attention(q:torch.Tensor, # [B, Tq, H, D] queries (padded rows
     mask[:, :, 0] |= ~mask.any(-1)  # padded query rows would see nothing (NaN); let them see key 0
     return _grouped_attention(q, k, v, mask, scale)
 
+def paged_attention_group(q:torch.Tensor, # [B, Tq, H, D] the new queries of B sequences (Tq each: 1 = decode)
+                          k_cache:torch.Tensor, # K cache in `kv_layout`, already holding the new keys
+                          v_cache:torch.Tensor, # V cache, same layout
+                          block_tables:torch.Tensor, # [B, n] the first n table entries of each sequence (int)
+                          mask:torch.Tensor, # [B, Tq, n * block_size] bool, True where query i may see key t
+                          scale:float, # softmax scale
+                          kv_layout:str="NHD", # 'NHD' or 'HND'
+                         ) -> torch.Tensor: # [B, Tq, H, D]
+    "Attention of a bucket of sequences with similar lengths over their paged contexts: `n` comes from the host, no sync."
+    n = block_tables.shape[1]
+    k, v = gather_kv(k_cache, block_tables, n, kv_layout), gather_kv(v_cache, block_tables, n, kv_layout)
+    return _grouped_attention(q, k, v, mask, scale)
+
 # %% ../../nbs/44_paged_attention.ipynb #42236463
 if HAS_TRITON:
-    @triton.jit
+    @lazy_jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cl_ptr, o_ptr, scale, bt_stride,
                              stride_block, stride_token, stride_head,
                              H: tl.constexpr, H_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -183,8 +185,6 @@ if HAS_TRITON:
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, kv_layout="NHD"):
     "The Triton kernel (on a CPU it runs in the interpreter: exact but slow)."
     if not HAS_TRITON: raise ValueError("backend='triton' needs the triton package; pip install triton or use backend='torch'")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("no GPU and TRITON_INTERPRET is not '1'; set it before importing posttrain_nb.serve.kernels")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or not q.is_contiguous():
         raise ValueError("the Triton kernel needs q contiguous and k_cache/v_cache with equal strides and a unit "
                          "stride on the head dim; call .contiguous()")

@@ -18,6 +18,7 @@ class KVSequence:
     token_ids: list # prompt + generated tokens so far; every one of them gets a KV slot
     block_table: list = field(default_factory=list) # physical block ids, in logical order
     num_cached_tokens: int = 0 # leading tokens whose KV came from the prefix cache
+    num_hashed_blocks: int = 0 # leading blocks already registered in the prefix cache
 
     def __len__(self): return len(self.token_ids)
 
@@ -115,7 +116,9 @@ class BlockManager:
         revived = sum(self.blocks[b].ref_count == 0 for b in hits)  # cached-but-free hits leave the free queue too
         return self.blocks_needed(len(seq.token_ids)) - len(hits) + revived <= self.num_free_blocks
 
-    def allocate(self, seq) -> int: # tokens found in the prefix cache
+    def allocate(self, seq,
+                 cache:bool=True, # register the full blocks now; False: the caller registers them with `cache_blocks` once their KV is written
+                ) -> int: # tokens found in the prefix cache
         "Give a new sequence its blocks: prefix-cache hits first, fresh blocks for the rest."
         if seq.block_table: raise ValueError("sequence already has blocks; free it before allocating again")
         if not seq.token_ids: raise ValueError("cannot allocate an empty sequence")
@@ -125,16 +128,64 @@ class BlockManager:
         self.num_hits += len(hits)
         for bid in hits: self._touch(bid)
         seq.block_table[:] = hits
-        h = self.blocks[hits[-1]].block_hash if hits else None
-        for i in range(len(hits), self.blocks_needed(len(seq.token_ids))):
-            bid = self._pop_free()
-            seq.block_table.append(bid)
-            toks = seq.token_ids[i * bs:(i + 1) * bs]
-            if self.enable_prefix_caching and len(toks) == bs:
-                h = chain_hash(h, toks)
-                self._register(bid, h, toks)
-        seq.num_cached_tokens = len(hits) * bs
+        for _ in range(len(hits), self.blocks_needed(len(seq.token_ids))): seq.block_table.append(self._pop_free())
+        seq.num_cached_tokens, seq.num_hashed_blocks = len(hits) * bs, len(hits)
+        if cache: self.cache_blocks(seq, len(seq.token_ids))
         return seq.num_cached_tokens
+
+    def cache_blocks(self, seq,
+                     num_tokens:int, # leading tokens whose KV is written (computed)
+                    ) -> None:
+        "Register the full blocks among the first `num_tokens` tokens in the prefix cache (vLLM caches a block once computed)."
+        if not self.enable_prefix_caching: return
+        bs, j = self.block_size, seq.num_hashed_blocks
+        h = None if j == 0 else self.blocks[seq.block_table[j - 1]].block_hash or self._hash_upto(seq.token_ids, j)
+        for j in range(j, min(num_tokens // bs, len(seq.block_table))):
+            toks = seq.token_ids[j * bs:(j + 1) * bs]
+            h = chain_hash(h, toks)
+            if self.blocks[seq.block_table[j]].block_hash is None: self._register(seq.block_table[j], h, toks)
+            seq.num_hashed_blocks = j + 1
+
+    def can_grow(self, seq, num_tokens:int, # tokens the table must hold
+                ) -> bool:
+        "Whether `grow(seq, num_tokens)` finds enough free blocks (new ones and copy-on-write copies)."
+        return self._grow_cost(seq, num_tokens) <= self.num_free_blocks
+
+    def _grow_cost(self, seq, num_tokens):
+        nb = len(seq.block_table)
+        shared = sum(self.blocks[seq.block_table[j]].ref_count > 1 for j in self._written(seq, num_tokens) if j < nb)
+        return max(0, self.blocks_needed(num_tokens) - nb) + shared
+
+    def _written(self, seq, num_tokens):
+        "Indices of the table entries that tokens [num_computed_tokens, num_tokens) are written into."
+        start = getattr(seq, "num_computed_tokens", num_tokens - 1)
+        return range(start // self.block_size, self.blocks_needed(num_tokens))
+
+    def grow(self, seq, num_tokens:int, # tokens the table must hold after this call
+            ) -> list: # [(src, dst)] block copies (copy-on-write) the caller must apply to the KV tensors
+        "Give `seq` room for `num_tokens` tokens: new blocks at the tail, private copies of shared blocks about to be written."
+        if not self.can_grow(seq, num_tokens): raise RuntimeError("not enough free KV blocks; check can_grow first")
+        copies = []
+        for j in self._written(seq, num_tokens):
+            if j >= len(seq.block_table): seq.block_table.append(self._pop_free())
+            elif self.blocks[seq.block_table[j]].ref_count > 1:  # shared (a fork): writing would change the other sequence
+                old, new = seq.block_table[j], self._pop_free()
+                self._release(old)
+                seq.block_table[j] = new
+                copies.append((old, new))
+        return copies
+
+    def truncate(self, seq, num_tokens:int, # tokens to keep
+                ) -> None:
+        "Drop the blocks past the first `num_tokens` tokens (a speculative rollback); a kept block that will be rewritten leaves the cache."
+        keep = self.blocks_needed(num_tokens)
+        for bid in reversed(seq.block_table[keep:]): self._release(bid, keep_cache=False)
+        del seq.block_table[keep:]
+        seq.num_hashed_blocks = min(seq.num_hashed_blocks, num_tokens // self.block_size)
+        if num_tokens % self.block_size and keep and self.blocks[seq.block_table[-1]].ref_count == 1:
+            b = self.blocks[seq.block_table[-1]]  # its tail will hold other tokens: forget its hash
+            if b.block_hash is not None and self.cached.get(b.block_hash) == b.block_id: del self.cached[b.block_hash]
+            b.block_hash, b.token_ids = None, ()
 
     def can_append(self, seq) -> bool:
         "Whether `append_slot(seq)` can proceed (it needs a block for a new one, or for a copy-on-write)."
@@ -161,6 +212,7 @@ class BlockManager:
             parent = self.blocks[seq.block_table[-2]].block_hash if len(seq.block_table) > 1 else None
             if len(seq.block_table) > 1 and parent is None: parent = self._hash_upto(seq.token_ids, len(seq.block_table) - 1)
             self._register(seq.block_table[-1], chain_hash(parent, seq.token_ids[L - bs:L]), seq.token_ids[L - bs:L])
+            if seq.num_hashed_blocks == len(seq.block_table) - 1: seq.num_hashed_blocks += 1
         return copy
 
     def _hash_upto(self, token_ids, n_blocks):
@@ -173,7 +225,7 @@ class BlockManager:
         if child.block_table: raise ValueError("the child already has blocks; fork into a fresh sequence")
         for bid in parent.block_table: self._touch(bid)
         child.block_table[:] = parent.block_table
-        child.num_cached_tokens = parent.num_cached_tokens
+        child.num_cached_tokens, child.num_hashed_blocks = parent.num_cached_tokens, parent.num_hashed_blocks
 
     def free(self, seq, # the sequence whose blocks to release
              keep_cache:bool=True, # False: blocks no one else holds leave the prefix cache (their KV may be unwritten)
@@ -181,7 +233,7 @@ class BlockManager:
         "Drop the sequence's references, tail first, so its last blocks are the first to be evicted."
         for bid in reversed(seq.block_table): self._release(bid, keep_cache)
         seq.block_table.clear()
-        seq.num_cached_tokens = 0
+        seq.num_cached_tokens = seq.num_hashed_blocks = 0
 
     # -- checks and statistics -------------------------------------------------------------------------------
     def check(self, seqs:list, # every live sequence that holds blocks
@@ -189,7 +241,8 @@ class BlockManager:
         "Raise AssertionError if the pool is inconsistent with the live sequences' block tables."
         refs = [0] * self.num_blocks
         for s in seqs:
-            assert len(s.block_table) == self.blocks_needed(len(s.token_ids)), "table length != ceil(len/bs)"
+            lo = self.blocks_needed(getattr(s, "num_computed_tokens", len(s.token_ids)))  # an engine's sequence
+            assert lo <= len(s.block_table) <= self.blocks_needed(len(s.token_ids)), "table does not fit the tokens"
             for bid in s.block_table: refs[bid] += 1
         for b in self.blocks:
             assert b.ref_count == refs[b.block_id], f"block {b.block_id}: ref {b.ref_count} but {refs[b.block_id]} tables"

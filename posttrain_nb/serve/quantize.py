@@ -4,7 +4,8 @@
 
 # %% ../../nbs/41_quantize.ipynb #87c2e249
 from __future__ import annotations
-import copy, math, warnings
+import copy, json, math, os, re, shutil, tempfile, types, warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,13 +13,14 @@ from torch import nn
 from ..core import encode_for_training, masked_lm_loss
 from .fp4 import (E2M1_MAX, E4M3_MAX, E4M3_TINY, NF4_LEVELS, FORMATS, e2m1_decode, e2m1_encode,
                                     e8m0_to_float, fake_quantize, mxfp4_scale_byte, _mx_divisor, nvfp4_global_scale,
-                                    quantize_absmax, dequantize_absmax)
+                                    quantize_absmax, dequantize_absmax, pack_nibbles, quantize_nvfp4, dequantize_nvfp4,
+                                    quantize_mxfp4, dequantize_mxfp4, MX_BLOCK, NVFP4_BLOCK)
 
 # %% auto #0
-__all__ = ['GRID_FORMATS', 'AWQ_ALPHAS', 'METHODS', 'Grid', 'NVFP4Grid', 'MXFP4Grid', 'INTGrid', 'NF4Grid', 'INT8Grid',
-           'make_grid', 'rtn', 'hessian_error', 'gptq_quantize', 'awq_scales', 'awq_apply', 'awq_search',
+__all__ = ['GRID_FORMATS', 'AWQ_ALPHAS', 'METHODS', 'CT_FORMATS', 'Grid', 'NVFP4Grid', 'MXFP4Grid', 'INTGrid', 'NF4Grid',
+           'INT8Grid', 'make_grid', 'rtn', 'hessian_error', 'gptq_quantize', 'awq_scales', 'awq_apply', 'awq_search',
            'fold_into_norm', 'smooth_scales', 'quantize_per_token', 'W8A8Linear', 'calibration_batch', 'quantize_model',
-           'perplexity']
+           'perplexity', 'attach_quantized_save', 'ct_scheme', 'save_quantized', 'load_quantized']
 
 # %% ../../nbs/41_quantize.ipynb #44d531e7
 class Grid:
@@ -119,6 +121,7 @@ def gptq_quantize(W:torch.Tensor, # weight [N, K]
                   fmt:str="nvfp4", # grid: one of FORMATS
                   blocksize:int=128, # columns per lazy update
                   percdamp:float=0.01, # dampening, as a fraction of mean(diag H)
+                  return_scales:bool=False, # also return the grid's scales: (Q, first scale parameter [N, K/group], g)
                  ) -> torch.Tensor: # float32 weight on the grid
     "GPTQ: quantize columns left to right, compensating each error on the columns still to come."
     N, K = W.shape
@@ -131,18 +134,19 @@ def gptq_quantize(W:torch.Tensor, # weight [N, K]
     H[dead, dead] = 1; W[:, dead] = 0
     H += percdamp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
+    Q, scales = torch.zeros_like(W), []
     B = max(gs, blocksize // gs * gs) if gs < K else K
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         E = torch.zeros(N, i2 - i1, dtype=W.dtype)
         for i in range(i1, i2):
-            if (i - i1) % gs == 0: p = grid.fit(W[:, i:i + gs])
+            if (i - i1) % gs == 0: p = grid.fit(W[:, i:i + gs]); scales.append(p[0])
             Q[:, i] = grid.snap(W[:, i:i + 1], p)[:, 0].double()
             e = (W[:, i] - Q[:, i]) / U[i, i]
             W[:, i:i2] -= e[:, None] * U[i, i:i2][None, :]
             E[:, i - i1] = e
         W[:, i2:] -= E @ U[i1:i2, i2:]
+    if return_scales: return Q.float(), torch.cat(scales, 1), getattr(grid, "g", torch.tensor(1.0))
     return Q.float()
 
 # %% ../../nbs/41_quantize.ipynb #eaa3c410
@@ -316,7 +320,7 @@ def quantize_model(model, # a Hugging Face causal LM (not modified unless inplac
                    use_triton:bool|None=None, # with packed: passed to every FP4Linear (None: Triton on CUDA inputs)
                    inplace:bool=False, # modify `model` itself
                    progress:bool=False, # progress bar over layers
-                  ): # the quantized model; `.quant_log` lists per-layer errors, `.quant_skipped` the layers left as they were
+                  ): # the quantized model; `.quant_log` lists per-layer errors, `.quant_skipped` the layers left as they were; `.save_pretrained` writes compressed-tensors
     "Post-training quantization of every linear layer (nn.Linear, or GPT-2's Conv1D) of `model` with RTN, GPTQ, AWQ or SmoothQuant."
     from tqdm.auto import tqdm
     if method not in METHODS: raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -330,23 +334,33 @@ def quantize_model(model, # a Hugging Face causal LM (not modified unless inplac
     model = model if inplace else copy.deepcopy(model)
     gs = None if method in ("smoothquant", "w8a8") else make_grid(fmt, torch.ones(1, 1)).group_size if fmt != "int8" else None
     targets, model.quant_skipped = _targets(model, skip, gs)
+    for _, m in targets: m.__dict__.pop("fp4_codes", None)   # codes of an earlier quantization no longer apply
     batch = calibration_batch(tokenizer, calib) if needs_calib else None
     log = []
     if packed:
-        from .fp4_kernel import FP4Linear  # the next chapter's layer, imported when asked for
+        from posttrain_nb.serve.fp4_kernel import FP4Linear  # the next chapter's layer, imported when asked for
         for n, m in tqdm(targets, desc="fp4", disable=not progress): _set_module(model, n, FP4Linear.from_linear(m, fmt, use_triton))
     elif method == "rtn":
         for n, m in tqdm(targets, desc="rtn", disable=not progress):
-            m.weight.copy_(rtn(m.weight, fmt))
+            if fmt in CT_FORMATS:   # the same values as rtn(), and the codes kept for save_pretrained
+                W = m.weight.detach()
+                q, s, g = quantize_nvfp4(W) if fmt == "nvfp4" else (*quantize_mxfp4(W), torch.tensor(1.0))
+                m.weight.copy_(_decode_fp4(fmt, q, s, g))
+                _keep_codes(m, fmt, q, s, g)
+            else: m.weight.copy_(rtn(m.weight, fmt))
     elif method == "gptq":
         for group in tqdm(_shared_input_groups(model, batch, targets), desc="gptq", disable=not progress):
             X = _layer_inputs(model, batch, [group[0][1]])[group[0][1]].double()
             H = 2 * X.T @ X / X.shape[0]       # shared by the linears that read X (quantizing one leaves X unchanged)
             for n, m in group:
                 W = m.weight.detach().float()
-                Q = gptq_quantize(W, H, fmt)
+                Q, s, g = gptq_quantize(W, H, fmt, return_scales=True)
                 log.append({"layer": n, "gptq_error": hessian_error(W, Q, H), "rtn_error": hessian_error(W, rtn(W, fmt), H)})
                 m.weight.copy_(Q)
+                if fmt in CT_FORMATS:
+                    s = s.to(torch.float8_e4m3fn) if fmt == "nvfp4" else s
+                    q = _pack_on_grid(Q, fmt, s, g)
+                    if q is not None: _keep_codes(m, fmt, q, s, g)
     elif method == "awq":
         for group in tqdm(_shared_input_groups(model, batch, targets), desc="awq", disable=not progress):
             X = _layer_inputs(model, batch, [group[0][1]])[group[0][1]]
@@ -362,8 +376,10 @@ def quantize_model(model, # a Hugging Face causal LM (not modified unless inplac
         for group in groups:
             s = smooth_scales(xmax[id(group[0][1])], [m.weight for _, m in group], alpha) if xmax else None
             for n, m in group: _set_module(model, n, W8A8Linear(m, s))
-    model.quant_log = log
-    return model
+    model.quant_log, model.quant_method = log, method
+    model.quant_format = fmt if method in ("rtn", "gptq", "awq") else "w8a8"
+    model.quant_layers = [n for n, _ in targets]
+    return attach_quantized_save(model)   # model.save_pretrained(path) writes compressed-tensors, or refuses what it cannot write
 
 @torch.no_grad()
 def perplexity(model, # a causal LM
@@ -378,3 +394,212 @@ def perplexity(model, # a causal LM
         k = (b["response_mask"] * b["attention_mask"]).sum().item()
         tot += masked_lm_loss(model, b).item() * k; n += k
     return math.exp(tot / n)
+
+# %% ../../nbs/41_quantize.ipynb #2c3a25d9
+CT_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}  # our format -> compressed-tensors format
+_CT_BLOCK = {"nvfp4": NVFP4_BLOCK, "mxfp4": MX_BLOCK}
+
+def _decode_fp4(fmt, q, s, g):
+    "The float32 weight that packed FP4 codes, scales (and NVFP4's g) encode."
+    return dequantize_nvfp4(q, s, g) if fmt == "nvfp4" else dequantize_mxfp4(q, s)
+
+def _pack_on_grid(W, fmt, s, g):
+    "The FP4 codes of a weight that lies on the grid the scales s (and g) define; None if it does not."
+    N, K = W.shape
+    step = (g * s.float()) if fmt == "nvfp4" else e8m0_to_float(s)
+    q = pack_nibbles(e2m1_encode(W.float().view(N, K // _CT_BLOCK[fmt], -1) / step[..., None]).view(N, K))
+    return q if torch.equal(_decode_fp4(fmt, q, s, g).to(W.dtype), W) else None
+
+def _keep_codes(m, fmt, q, s, g):
+    "Keep a fake-quantized layer's FP4 codes (a plain attribute, not in the state dict) if they decode to its weight."
+    if torch.equal(_decode_fp4(fmt, q, s, g).to(m.weight.dtype), m.weight.detach()):
+        m.fp4_codes = (fmt, q.cpu(), s.cpu(), g.cpu().float().reshape(()))
+
+def _save_pretrained(self, save_directory, **kwargs):
+    "Write this quantized model as a compressed-tensors checkpoint: see `save_quantized`."
+    return save_quantized(self, save_directory, **kwargs)
+
+def attach_quantized_save(model, # a model holding FP4Linear layers (or fake-quantized ones from quantize_model)
+                         ): # the same model, whose save_pretrained now writes compressed-tensors
+    "Make `model.save_pretrained(path)` go through save_quantized (an instance attribute shadows the class method)."
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    return model
+
+# %% ../../nbs/41_quantize.ipynb #70376cd1
+def ct_scheme(fmt:str, # "nvfp4" or "mxfp4"
+             ): # compressed_tensors QuantizationScheme
+    "compressed-tensors' weight-only preset for `fmt` (NVFP4A16 / MXFP4A16), the scheme llm-compressor writes."
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    if fmt not in CT_FORMATS: raise ValueError(f"no compressed-tensors scheme for {fmt!r}; written formats: {', '.join(CT_FORMATS)}")
+    return QuantizationScheme(targets=["Linear"], format=CT_FORMATS[fmt], **copy.deepcopy(PRESET_SCHEMES[fmt.upper() + "A16"]))
+
+def _is_fp4_layer(m): return type(m).__name__ == "FP4Linear" and hasattr(m, "qdata")   # serve.fp4_kernel.is_fp4, without importing Triton
+
+def _fp4_layers(model):
+    "{name: (fmt, packed, scales, g)} for every FP4 layer: packed FP4Linear, or nn.Linear with codes kept by quantize_model."
+    out = {}
+    for n, m in model.named_modules():
+        if _is_fp4_layer(m): out[n] = (m.fmt, m.qdata, m.scales, m.global_scale)
+        elif isinstance(m, nn.Linear) and getattr(m, "fp4_codes", None) is not None:
+            fmt, q, s, g = m.fp4_codes
+            if not torch.equal(_decode_fp4(fmt, q, s, g).to(m.weight.dtype), m.weight.detach().cpu()):
+                raise ValueError(f"layer {n!r}: its weight is no longer the {fmt} value quantize_model gave it (changed since, "
+                                 "e.g. by training?), so it cannot be saved as packed codes. Quantize the model again "
+                                 "before saving, or save_pretrained(path, dequantized=True) for a full-precision copy")
+            out[n] = m.fp4_codes
+    return out
+
+def _refuse(model, fp4):
+    "Raise if the model holds quantized layers that no checkpoint format written here can represent."
+    w8 = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
+    if w8: raise ValueError(f"{len(w8)} layers ({w8[0]}, ...) are W8A8Linear (SmoothQuant/W8A8: smoothing scales and per-token "
+                            "INT8 activations). No checkpoint format written here holds them, and a plain save would reload "
+                            "as wrong weights. Keep the model in memory, or quantize with method='rtn' or 'gptq' and "
+                            "fmt='nvfp4' or 'mxfp4' to save a compressed-tensors checkpoint that vLLM loads")
+    fmts = {f for f, *_ in fp4.values()}
+    if len(fmts) > 1: raise ValueError(f"the model mixes FP4 formats {sorted(fmts)}; a compressed-tensors checkpoint written here holds one")
+    method, fmt = getattr(model, "quant_method", None), getattr(model, "quant_format", None)
+    quantized = getattr(model, "quant_layers", [])
+    plain = [n for n in quantized if n not in fp4]
+    if plain or (method and not fp4):
+        raise ValueError(f"quantize_model(method={method!r}, fmt={fmt!r}) left fake-quantized float weights that have no "
+                         f"packed form written here ({plain[0] if plain else 'every layer'} ...): compressed-tensors checkpoints "
+                         f"are written for fmt in {tuple(CT_FORMATS)} with method 'rtn' or 'gptq' (AWQ's channel scales "
+                         "are not folded into the model). Re-quantize with one of those, or pass dequantized=True to "
+                         "write the float weights as an ordinary full-size checkpoint")
+
+def _write_tree_atomic(write, path):
+    "Run write(tmp_dir), then swap tmp_dir in as `path`; files of an existing `path` that are not weights or configs stay."
+    path = Path(path)
+    if path.exists() and not path.is_dir(): raise ValueError(f"{path} exists and is not a folder; choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        write(tmp)
+        if path.exists():
+            ours = ("config.json", "generation_config.json", "model.safetensors.index.json")
+            for f in path.iterdir():   # keep the tokenizer and other files, drop stale weights
+                if f.name not in ours and f.suffix not in (".safetensors", ".bin", ".pt") and not (tmp / f.name).exists():
+                    shutil.move(str(f), tmp / f.name)
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-")); old.rmdir()
+            os.replace(path, old); os.replace(tmp, path); shutil.rmtree(old, ignore_errors=True)
+        else: os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+def save_quantized(model, # a model from quantize_model (or load_quantized)
+                   save_directory:str|Path, # checkpoint folder (created or replaced atomically)
+                   dequantized:bool=False, # write fake-quantized/packed weights as plain float tensors instead
+                   safe_serialization:bool=True, # safetensors only; False is refused
+                  ) -> Path: # the folder
+    "Write a compressed-tensors `nvfp4-pack-quantized`/`mxfp4-pack-quantized` checkpoint (what `model.save_pretrained` does after quantize_model)."
+    if not safe_serialization: raise ValueError("quantized checkpoints are written as safetensors only (nothing is pickled); drop safe_serialization=False")
+    from safetensors.torch import save_file
+    fp4 = _fp4_layers(model)
+    if not dequantized: _refuse(model, fp4)
+    elif any(isinstance(m, W8A8Linear) for m in model.modules()): _refuse(model, fp4)
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():
+        mod, _, leaf = k.rpartition(".")
+        if mod in fp4 and leaf in ("weight", "qdata", "scales", "global_scale"): continue
+        if v.data_ptr() in seen and v.numel(): continue          # a tied weight (lm_head = embeddings) is stored once
+        seen.add(v.data_ptr()); tensors[k] = v.detach().cpu().contiguous()
+    for n, (fmt, q, s, g) in fp4.items():
+        if dequantized: tensors[f"{n}.weight"] = _decode_fp4(fmt, q.cpu(), s.cpu(), g.cpu()).to(model.dtype); continue
+        tensors[f"{n}.weight_packed"] = q.cpu().contiguous()
+        tensors[f"{n}.weight_scale"] = s.cpu().contiguous()
+        if fmt == "nvfp4":   # compressed-tensors stores the encode scale G = 1/g and decodes with s / G
+            G = (1.0 / g.float().cpu()).reshape(1)
+            if not torch.equal(1.0 / G, g.float().cpu().reshape(1)):
+                raise ValueError(f"layer {n!r}: its NVFP4 global scale {g.item()!r} is not a power of two, so 1/g is inexact and "
+                                 "vLLM would decode other weights than this model holds; quantize again with this version "
+                                 "of quantize_model (nvfp4_global_scale rounds g to a power of two)")
+            tensors[f"{n}.weight_global_scale"] = G
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"): del cfg.quantization_config
+    cfg.architectures = [type(model).__name__]
+    cfg.dtype = model.dtype
+    def write(tmp):
+        cfg.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate(): model.generation_config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if fp4 and not dequantized:   # compressed-tensors writes its own config block
+            from compressed_tensors.compressors import ModelCompressor
+            from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+            fmt = next(iter(fp4.values()))[0]
+            ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in fp4)
+            qc = QuantizationConfig(config_groups={"group_0": ct_scheme(fmt)}, format=CT_FORMATS[fmt],
+                                    quantization_status=QuantizationStatus.COMPRESSED, ignore=ignore)
+            ModelCompressor(quantization_config=qc).update_config(str(tmp))
+    return _write_tree_atomic(write, save_directory)
+
+# %% ../../nbs/41_quantize.ipynb #55ff835f
+def _read_safetensors(path):
+    "All tensors of a checkpoint folder (one file or an index of shards); nothing is unpickled."
+    from safetensors.torch import load_file
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = " (it holds pickle files, which are not read here)" if any(path.glob("*.bin")) else ""
+        raise FileNotFoundError(f"no .safetensors file in {path}{hint}")
+    out = {}
+    for f in files: out.update(load_file(str(f)))
+    return out
+
+def load_quantized(path:str|Path, # a folder written by save_pretrained after quantize_model (or by llm-compressor)
+                   use_triton:bool|None=None, # passed to every FP4Linear (None: Triton on CUDA inputs)
+                  ): # the model in eval mode, FP4 layers as FP4Linear; `save_pretrained` writes compressed-tensors again
+    "Read a compressed-tensors NVFP4/MXFP4 weight-only checkpoint into FP4Linear layers, refusing any weight left uninitialised."
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from posttrain_nb.serve.fp4_kernel import FP4Linear
+    path = Path(path)
+    if not (path / "config.json").exists(): raise FileNotFoundError(f"no config.json in {path}; is it a checkpoint folder?")
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{path} is not a compressed-tensors checkpoint (quantization_config: "
+                         f"{(qc or {}).get('quant_method', 'none')}); load it with AutoModelForCausalLM.from_pretrained")
+    fmt = {v: k for k, v in CT_FORMATS.items()}.get(qc.get("format"))
+    groups = list((qc.get("config_groups") or {}).values())
+    w = (groups[0] or {}).get("weights") or {} if len(groups) == 1 else {}
+    if fmt is None or not (w.get("num_bits") == 4 and w.get("type") == "float" and w.get("symmetric", True)
+                           and w.get("group_size") == _CT_BLOCK[fmt] and not groups[0].get("input_activations")
+                           and groups[0].get("targets") == ["Linear"]):
+        raise ValueError(f"{path}: format {qc.get('format')!r} with {len(groups)} config group(s) is not a weight-only "
+                         f"{' or '.join(CT_FORMATS.values())} checkpoint with targets ['Linear'], the formats read here; "
+                         "AutoModelForCausalLM.from_pretrained loads other compressed-tensors formats (it needs the "
+                         "compressed-tensors package)")
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(cfg, "dtype", None) or torch.float32)
+    ignore = qc.get("ignore") or []
+    def ignored(n): return any(n == i or (i.startswith("re:") and re.match(i[3:], n)) for i in ignore)
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not ignored(n)]
+    for n in layers:
+        m = model.get_submodule(n)
+        _set_module(model, n, FP4Linear(m.in_features, m.out_features, m.bias is not None, fmt, use_triton))
+    raw = _read_safetensors(path)
+    if any(k.endswith(".qdata") for k in raw):
+        raise ValueError(f"{path} holds FP4Linear buffers (.qdata) written by a plain save of a packed model; no tool reads "
+                         "that layout. Quantize the original model again and save it with save_pretrained after quantize_model")
+    names = {"weight_packed": "qdata", "weight_scale": "scales"}
+    sd = {f"{n}.global_scale": torch.tensor(1.0) for n in layers} if fmt == "mxfp4" else {}   # MXFP4 has no global scale
+    for k, v in raw.items():
+        mod, _, leaf = k.rpartition(".")
+        if mod in layers and leaf == "weight_global_scale": sd[f"{mod}.global_scale"] = (1.0 / v.float()).reshape(())
+        elif mod in layers and leaf in names: sd[f"{mod}.{names[leaf]}"] = v.view(torch.uint8) if fmt == "mxfp4" and leaf == "weight_scale" else v
+        else: sd[k] = v
+    res = model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in sd if k in state}
+    missing = [k for k in res.missing_keys if state[k].data_ptr() not in loaded]   # tied weights point at loaded ones
+    if missing or res.unexpected_keys:
+        raise ValueError(f"{path} does not match its config: {len(missing)} weights missing ({', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}), {len(res.unexpected_keys)} unexpected "
+                         f"({', '.join(res.unexpected_keys[:4])}). Loading would leave weights randomly initialised; the "
+                         "checkpoint is incomplete or was written for another model")
+    model.quant_method, model.quant_format, model.quant_layers, model.quant_skipped = "loaded", fmt, layers, []
+    return attach_quantized_save(model.eval())

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/46_speculative.ipynb #d9c3caa4
 from __future__ import annotations
-import time
+import itertools, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -18,9 +18,8 @@ from .kv_cache import BlockManager, KVSequence
 # %% auto #0
 __all__ = ['residual_distribution', 'speculative_step_probs', 'accept_greedy', 'verify_draft', 'expected_tokens_per_call',
            'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'eos_token_ids',
-           'prompt_tensor', 'speculative_generate', 'speculative_decode', 'grow_table', 'shrink_table', 'paged_forward',
-           'DraftState', 'draw', 'DraftModelProposer', 'speculates', 'SpecDecoder', 'capture_hidden', 'MedusaProposer',
-           'make_proposer', 'call_cost_ratio']
+           'prompt_tensor', 'speculative_generate', 'speculative_decode', 'DraftSequence', 'draw', 'DraftModelProposer',
+           'speculates', 'SpecDecoder', 'capture_hidden', 'MedusaProposer', 'make_proposer', 'call_cost_ratio']
 
 # %% ../../nbs/46_speculative.ipynb #5adfc8d0
 # the filtered distributions p and q come from core's one sampler: `sampling_probs(logits, temperature, top_k, top_p)`
@@ -296,60 +295,13 @@ def speculative_decode(target, # the target causal LM
     dec = tokenizer.batch_decode(outs, skip_special_tokens=True)
     return Generation(dec, outs, p_ids, time.perf_counter() - t0), stats
 
-# %% ../../nbs/46_speculative.ipynb #sd000101
-def grow_table(bm:BlockManager, # the pool that owns the sequence's blocks
-               seq:KVSequence, # the sequence to extend
-               n_tokens:int, # positions the table must cover
-              ) -> bool: # False (nothing allocated) when the pool is short of blocks
-    "Lookahead slots: fresh blocks for speculative positions. They are never entered in the prefix cache (drafts may be rolled back)."
-    need = bm.blocks_needed(n_tokens) - len(seq.block_table)
-    if need > bm.num_free_blocks: return False
-    for _ in range(need):  # a one-token KVSequence gets one fresh, unhashed block: the public way to take a block
-        tmp = KVSequence([0]); bm.allocate(tmp); seq.block_table.append(tmp.block_table[0])
-    return True
-
-def shrink_table(bm:BlockManager, # the pool that owns the sequence's blocks
-                 seq:KVSequence, # the sequence to roll back
-                 n_tokens:int, # positions whose KV stays valid
-                ) -> None:
-    "Roll back: free the blocks past the first `n_tokens` positions. The stale KV inside the kept blocks is overwritten later."
-    keep = bm.blocks_needed(n_tokens)
-    if len(seq.block_table) > keep:
-        tail = KVSequence([], seq.block_table[keep:])
-        del seq.block_table[keep:]
-        bm.free(tail, keep_cache=False)
-
-
-# %% ../../nbs/46_speculative.ipynb #sd000102
-def paged_forward(runner, # a serve.engine.ModelRunner
-                  tables:list, # block table of each sequence
-                  tokens:list, # new token ids of each sequence
-                  starts:list, # position of each sequence's first new token
-                  all_logits:bool=False, # logits of every new token (ragged, flattened) instead of each sequence's last
-                 ) -> torch.Tensor: # [sum(len(tokens[i])), V] if all_logits else [len(tokens), V]
-    "One forward of the runner over ragged new tokens, writing their KV into the paged cache."
-    if all_logits:  # one query row per token: row j of a sequence attends to its context up to its own position
-        rows = [(tab, [t], s + j) for tab, toks, s in zip(tables, tokens, starts) for j, t in enumerate(toks)]
-        tables, tokens, starts = map(list, zip(*rows))
-    bs, dev = runner.block_size, runner.device
-    T = max(len(t) for t in tokens)
-    ids = [t + [0] * (T - len(t)) for t in tokens]
-    pos = [list(range(s, s + len(t))) + [0] * (T - len(t)) for t, s in zip(tokens, starts)]
-    slots = [[tab[p // bs] * bs + p % bs for p in range(s, s + len(t))] + [-1] * (T - len(t))
-             for tab, t, s in zip(tables, tokens, starts)]
-    nb = max(len(tab) for tab in tables)
-    tabs = [tab + [-1] * (nb - len(tab)) for tab in tables]
-    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=dev)
-    return runner.forward(t(ids), t(pos), t(slots), t(tabs, torch.int32),
-                          t([s + len(x) for x, s in zip(tokens, starts)], torch.int32))
-
-
 # %% ../../nbs/46_speculative.ipynb #sd000103
-@dataclass
-class DraftState:
-    "The draft's copy of one sequence: its own blocks, and how many of the sequence's tokens it has KV for."
-    kv: KVSequence = field(default_factory=lambda: KVSequence([])) # block table in the draft's pool
-    num_computed: int = 0 # length pointer: the draft's KV is valid for token_ids[:num_computed]
+class DraftSequence(KVSequence):
+    "The draft's view of a sequence: the same token list, its own block table (in the draft's pool) and length pointer."
+    def __init__(self, seq): # the engine's Sequence it mirrors
+        super().__init__(seq.token_ids)  # the same list object: drafts appended to the sequence are seen by the draft
+        self.num_computed_tokens = 0  # length pointer: the draft's KV is valid for token_ids[:num_computed_tokens]
+    __eq__, __hash__ = object.__eq__, object.__hash__  # the runner keys its block-table rows by sequence identity
 
 def draw(logits:torch.Tensor, # [V] one position's logits
          params, # the request's SamplingParams
@@ -369,49 +321,39 @@ class DraftModelProposer:
                  max_model_len:int, # longest sequence
                  attn_backend:str="auto", # paged attention backend
                 ):
-        from posttrain_nb.serve.engine import ModelRunner
+        from posttrain_nb.serve.model_runner import ModelRunner
         self.runner = ModelRunner(model, num_blocks, block_size, max_model_len, attn_backend)
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        self.states = {}  # id(seq) -> (seq, DraftState)
+        self.states = {}  # target Sequence -> DraftSequence
 
     def release(self, seq) -> None:
         "Free the draft's blocks of a sequence that finished, was preempted or aborted."
-        _, st = self.states.pop(id(seq), (None, None))
-        if st is not None: self.bm.free(st.kv, keep_cache=False)
-
-    def sync(self, live:list) -> None:
-        "Release the state of every sequence that is not in `live`."
-        keep = {id(s) for s in live}
-        for key in [k for k in self.states if k not in keep]: self.release(self.states[key][0])
+        d = self.states.pop(seq, None)
+        if d is not None: self.bm.free(d, keep_cache=False); self.runner.release(d)
 
     def propose(self,
-                seqs:list, # running sequences (the target's KV holds all but their last token)
-                ks:list, # drafts wanted per sequence (0: none)
-               ) -> tuple: # (drafts: list of token lists, qs: list of [k_i, V] draft probabilities or None)
-        "Catch the draft up on each sequence's new tokens, then draft up to k tokens (fewer if the draft pool is full)."
-        drafts, qs = [[] for _ in seqs], [[] for _ in seqs]
-        act = []
+                seqs:list, # decode sequences (the target's KV holds all but their last token)
+                ks:list, # drafts wanted per sequence
+               ) -> list: # [k_i, V] draft probabilities per sequence (None when greedy); the drafts are appended to token_ids
+        "Catch the draft up on each sequence's new tokens, then draft k tokens one batched call at a time (fewer if its pool is full)."
+        qs, act = [[] for _ in seqs], []
         for i, (s, k) in enumerate(zip(seqs, ks)):
+            d = self.states.get(s) or self.states.setdefault(s, DraftSequence(s))
             if k == 0: continue
-            st = self.states.setdefault(id(s), (s, DraftState()))[1]
-            if not grow_table(self.bm, st.kv, len(s) + k - 1):  # the last draft is never fed to the draft
-                self.release(s); continue
+            if not self.bm.can_grow(d, len(s) + k - 1): self.release(s); ks[i] = 0; continue  # the last draft is never fed
+            self.bm.grow(d, len(s) + k - 1)
             act.append(i)
-        if not act: return drafts, [None] * len(seqs)
-        st = {i: self.states[id(seqs[i])][1] for i in act}
-        feed = {i: seqs[i].token_ids[st[i].num_computed:] for i in act}  # tokens the draft has not seen
-        starts = {i: st[i].num_computed for i in act}
-        for j in range(max(ks[i] for i in act)):
+        for j in range(max((ks[i] for i in act), default=0)):
             rows = [i for i in act if ks[i] > j]
-            z = paged_forward(self.runner, [st[i].kv.block_table for i in rows], [feed[i] for i in rows],
-                              [starts[i] for i in rows])
-            for r, i in enumerate(rows):
+            ds = [self.states[seqs[i]] for i in rows]
+            nn = [len(d.token_ids) - d.num_computed_tokens for d in ds]  # the tokens it has not seen, then one draft a call
+            z = self.runner.forward(ds, nn, list(itertools.accumulate(nn, initial=-1))[1:])
+            for r, (i, d, n) in enumerate(zip(rows, ds, nn)):
                 s = seqs[i]
+                d.num_computed_tokens += n
                 tok, q = draw(z[r], s.params, s.generator)
-                drafts[i].append(tok); qs[i].append(q)
-                st[i].num_computed = starts[i] + len(feed[i])
-                feed[i], starts[i] = [tok], st[i].num_computed
-        return drafts, [torch.stack(q) if q and q[0] is not None else None for q in qs]
+                s.token_ids.append(tok); qs[i].append(q)
+        return [torch.stack(q) if q and q[0] is not None else None for q in qs]
 
     def accepted(self,
                  seq, # a sequence after verification
@@ -419,76 +361,84 @@ class DraftModelProposer:
                  hidden=None, # unused (Medusa reads the target's hidden state here)
                 ) -> None:
         "Move the draft's length pointer back to the accepted prefix and free its blocks past it."
-        entry = self.states.get(id(seq))
-        if entry is None: return
-        st = entry[1]
-        st.num_computed = min(st.num_computed, num_valid)
-        shrink_table(self.bm, st.kv, st.num_computed)
+        d = self.states.get(seq)
+        if d is None: return
+        d.num_computed_tokens = min(d.num_computed_tokens, num_valid)
+        self.bm.truncate(d, d.num_computed_tokens)
 
 
 # %% ../../nbs/46_speculative.ipynb #sd000104
 def speculates(seq) -> bool:
-    "Whether a sequence's sampling is plain (temperature, top-k, top-p), so its drafts can be verified by `verify_draft`."
-    p = seq.params  # penalties, logprobs and min_tokens are the engine sampler's: such a request decodes one token a step
-    if getattr(p, "logprobs", None) is not None: return False
+    "Whether a sequence's sampling is plain (temperature, top-k, top-p), so `verify_draft` can check its drafts."
+    p = seq.params  # penalties, min_p, logprobs and unmet min_tokens are the engine sampler's: such a request decodes one token a step
+    if getattr(p, "logprobs", None) is not None or getattr(p, "min_p", 0) > 0: return False
     if getattr(p, "presence_penalty", 0) or getattr(p, "frequency_penalty", 0) or getattr(p, "repetition_penalty", 1) != 1:
         return False
     return seq.num_output_tokens >= (getattr(p, "min_tokens", 0) or 0)
 
 class SpecDecoder:
-    "Batched draft-then-verify for the engine's decode steps (vLLM's speculative_model / num_speculative_tokens)."
+    "Batched draft-then-verify for the engine's decode sequences (vLLM's speculative_model / num_speculative_tokens)."
     def __init__(self,
                  llm, # the serve.engine.LLM whose runner and block manager verify
-                 speculative_model, # a draft causal LM sharing the target's vocabulary (or a MedusaHeads)
+                 speculative_model, # a draft causal LM sharing the target's vocabulary, or Medusa heads
                  num_speculative_tokens:int, # k: drafts per sequence per step
-                 sample_fn=None, # the engine's sampler (logits [B, V], seqs) -> ids, for steps without drafts
                 ):
         if speculative_model is None:
             raise ValueError("num_speculative_tokens needs a speculative_model (a draft causal LM or MedusaHeads)")
         if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an integer >= 1 with a speculative_model, got {num_speculative_tokens!r}")
-        if sample_fn is None: from posttrain_nb.serve.engine import sample_next as sample_fn
-        self.llm, self.k, self.sample_fn = llm, num_speculative_tokens, sample_fn
+        self.llm, self.k = llm, num_speculative_tokens
         self.proposer = make_proposer(llm, speculative_model)
         self.stats = SpecStats(num_speculative_tokens)  # one entry per sequence and step: drafted, accepted
-        self.num_steps = 0
+
+    def take(self,
+             out, # the scheduler's output for this step (serve.scheduler.SchedulerOutput)
+            ) -> list: # the decode sequences this step speculates on, removed from `out`
+        "Split a step: decode sequences with plain sampling are speculated on; prefill chunks and the rest run as usual."
+        mine, keep = [], []
+        for s, n in zip(out.seqs, out.num_new_tokens):
+            plain = n == 1 and s.num_computed_tokens + 1 == len(s) and not s.pending_forks and speculates(s)
+            if plain: mine.append(s)
+            else: keep.append((s, n))
+        out.seqs, out.num_new_tokens = [s for s, _ in keep], [n for _, n in keep]
+        return mine
 
     def step(self,
-             seqs:list, # the running sequences of a decode step (their last token has a KV slot)
-            ) -> list: # per sequence, the tokens it emits this step (accepted drafts + one target token)
-        "Draft, verify all drafts of all sequences in one target forward, accept, roll back."
+             seqs:list, # decode sequences (their last token's KV slot is allocated, not yet computed)
+            ) -> list: # per sequence, the tokens it emits (accepted drafts, then the target's token)
+        "Draft, verify every draft of every sequence in one ragged target forward, accept, roll back."
         llm, bm, runner = self.llm, self.llm.block_manager, self.llm.runner
-        self.proposer.sync(seqs)
-        ks = []
-        for s in seqs:  # never draft past max_tokens or the context; a full pool means a plain decode step
-            k = max(0, min(self.k, s.params.max_tokens - s.num_output_tokens - 1, llm.max_model_len - len(s) - 1))
-            k = k if speculates(s) else 0
-            ks.append(k if k and grow_table(bm, s, len(s) + k) else 0)
-        drafts, qs = self.proposer.propose(seqs, ks)
         L = [len(s) for s in seqs]
+        ks = []
+        for s, n in zip(seqs, L):  # never draft past max_tokens or the context; no room in the pool: a plain decode step
+            k = max(0, min(self.k, s.params.max_tokens - s.num_output_tokens - 1, llm.max_model_len - n - 1))
+            if k and bm.can_grow(s, n + k): runner.copy_blocks(bm.grow(s, n + k))
+            else: k = 0
+            ks.append(k)
+        qs = self.proposer.propose(seqs, ks)  # appends each sequence's drafts to its token_ids
+        nn = [len(s) - s.num_computed_tokens for s in seqs]  # 1 + drafts
         with capture_hidden(runner.lm_head, getattr(self.proposer, "needs_hidden", False)) as hidden:
-            z = paged_forward(runner, [s.block_table for s in seqs], [[s.token_ids[-1]] + d for s, d in zip(seqs, drafts)],
-                              [n - 1 for n in L], all_logits=True)
+            z = runner.forward(seqs, nn)  # ragged: row j of a sequence scores its draft j, its last row is the bonus
         out, row = [], 0
-        for s, d, q, n_tok in zip(seqs, drafts, qs, L):
-            zi, row = z[row:row + len(d) + 1], row + len(d) + 1  # row j scores d[j]; the last row is the bonus
-            p = s.params
+        for s, n0, q, m in zip(seqs, L, qs, nn):
+            zi, d, p = z[row:row + m], s.token_ids[n0:], s.params
             dr = torch.tensor(d, dtype=torch.long, device=zi.device)
-            if not d: n, t = 0, self.sample_fn(zi, [s])[0]  # no drafts: exactly the engine's own decode step
-            elif p.temperature == 0: n, t = verify_draft(zi, None, dr)
+            if p.temperature == 0: n, t = verify_draft(zi, None, dr)
             else:
                 q = q if q is not None else zi.new_empty(0, zi.shape[-1])
                 n, t = verify_draft(sampling_probs(zi, p.temperature, p.top_k, p.top_p), q, dr, s.generator)
             out.append(d[:n] + [t])
-            shrink_table(bm, s, n_tok + n)  # target KV valid for the old tokens and the accepted drafts
-            self.proposer.accepted(s, n_tok + n, hidden[0][row - len(d) - 1 + n] if hidden else None)
+            del s.token_ids[n0:]  # the engine appends the accepted drafts and t, checking stops on each
+            s.num_computed_tokens = n0 + n  # roll back: KV valid for the old tokens and the accepted drafts
+            bm.truncate(s, n0 + n); bm.cache_blocks(s, n0)
+            self.proposer.accepted(s, n0 + n, hidden[0][row + n] if hidden else None)
             self.stats.drafted.append(len(d)); self.stats.accepted.append(n)
-            self.stats.new_tokens += n + 1; self.stats.target_calls += 1  # a "call" = one sequence's k+1 verified rows
-        self.num_steps += 1
+            self.stats.new_tokens += n + 1; self.stats.target_calls += 1  # a "call" = one sequence's verified rows
+            row += m
         return out
 
     def release(self, seq) -> None:
-        "A sequence left the running set: free the proposer's state for it."
+        "A sequence left the running set (finished, preempted, aborted): free the proposer's state for it."
         self.proposer.release(seq)
 
     @property
@@ -517,34 +467,30 @@ class MedusaProposer:
         if heads.lm_weight.shape[0] != llm.vocab_size:
             raise ValueError(f"the Medusa heads have a vocabulary of {heads.lm_weight.shape[0]}, the target {llm.vocab_size}; "
                              "train the heads on this target")
-        self.heads, self.hidden = heads.eval(), {}  # id(seq) -> (seq, [d] hidden state of its last verified position)
+        self.heads, self.hidden = heads.eval(), {}  # Sequence -> [d] hidden state of the row that chose its newest token
 
-    def release(self, seq) -> None: self.hidden.pop(id(seq), None)
-    def sync(self, live:list) -> None:
-        keep = {id(s) for s in live}
-        for key in [k for k in self.hidden if k not in keep]: del self.hidden[key]
+    def release(self, seq) -> None: self.hidden.pop(seq, None)
 
     @torch.no_grad()
-    def propose(self, seqs:list, ks:list) -> tuple:
-        "Heads 1..k on the hidden state where the last token was chosen; a sequence without one yet drafts nothing."
-        drafts, qs = [], []
-        for s, k in zip(seqs, ks):
-            h = self.hidden.get(id(s), (None, None))[1]
-            k = min(k, self.heads.n_heads) if h is not None else 0
+    def propose(self, seqs:list, ks:list) -> list:
+        "Heads 1..k on the hidden state where the newest token was chosen; a sequence without one yet drafts nothing."
+        qs = []
+        for i, (s, k) in enumerate(zip(seqs, ks)):
+            h = self.hidden.get(s)
+            k = ks[i] = min(k, self.heads.n_heads) if h is not None else 0
             d = self.heads.propose(h, None, k).tolist() if k else []
-            drafts.append(d)  # greedy guesses: for sampled requests q is a point mass (accept x with probability p(x))
+            s.token_ids.extend(d)  # greedy guesses: for a sampled request q is a point mass (accept x with probability p(x))
             qs.append(torch.nn.functional.one_hot(torch.tensor(d, dtype=torch.long), self.heads.lm_weight.shape[0]).float()
                       if d and s.params.temperature > 0 else None)
-        return drafts, qs
+        return qs
 
     def accepted(self, seq, num_valid:int, hidden=None) -> None:
         "Keep the hidden state of the row that chose the sequence's newest token."
-        self.hidden[id(seq)] = (seq, hidden)
+        self.hidden[seq] = hidden
 
 def make_proposer(llm, speculative_model):
     "The proposer for `speculative_model`: heads with `.propose(h, t1, k)`, `.n_heads`, `.lm_weight` (Medusa), else a draft causal LM."
-    if all(hasattr(speculative_model, a) for a in ("propose", "n_heads", "lm_weight")):
-        return MedusaProposer(llm, speculative_model)
+    if all(hasattr(speculative_model, a) for a in ("propose", "n_heads", "lm_weight")): return MedusaProposer(llm, speculative_model)
     check_pair(llm.runner.model, speculative_model)
     return DraftModelProposer(speculative_model, llm.block_manager.num_blocks, llm.block_size, llm.max_model_len,
                               llm.runner.attn_backend)

@@ -168,7 +168,7 @@ def make_engine(model, # the training model (plain or LoRA-wrapped Llama/Qwen2)
     from posttrain_nb.serve.engine import LLM
     blocks = max_num_seqs * math.ceil(max_model_len / block_size) + 1
     # no prefix caching: cached KV was computed by older weights after an optimiser step
-    return LLM(_SharedWeights(model), tokenizer, block_size=block_size, num_blocks=blocks, max_num_seqs=max_num_seqs,
+    return LLM(_SharedWeights(model), tokenizer, block_size=block_size, num_gpu_blocks=blocks, max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max(4096, max_model_len * max_num_seqs), max_model_len=max_model_len,
                enable_prefix_caching=False)
 
@@ -191,10 +191,10 @@ def rollout(model, # the policy
         eng = engine or make_engine(model, tokenizer, len(prompt_ids) * n, max(map(len, prompt_ids)) + max_new_tokens)
         params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_new_tokens, n=n,
                                  seed=seed + i) for i in range(len(prompt_ids))]
-        outs = eng.generate([list(p) for p in prompt_ids], params)
+        outs = eng.generate([list(p) for p in prompt_ids], params, use_tqdm=False)
         bad = [o for o in outs if not o.ok]
         if bad: raise RuntimeError(f"the engine failed prompt {bad[0].request_id}: {bad[0].error}")
-        return prompt_ids, [list(ids) for o in outs for _, ids in (o.samples or [(o.text, o.token_ids)])]
+        return prompt_ids, [list(c.token_ids) for o in outs for c in o.outputs]
     if backend == "generate":
         g = generate(model, tokenizer, list(texts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      top_p=top_p, n=n, batch_size=len(texts), seed=seed, chat=False)
