@@ -319,6 +319,10 @@ def test_engine_speculative_on_the_zoo_stops_at_eos(zoo_pair):
     out = llm.generate(prompts, sp, use_tqdm=False)
     assert toks(out) == toks(base)
     assert any(o.outputs[0].finish_reason == "stop" for o in out) and llm.spec.acceptance_rate > 0.5
+    sp = SamplingParams(max_tokens=48, stop=[". "])  # a stop string ends the text inside an accepted run of drafts
+    base, out = (m.generate(prompts, sp, use_tqdm=False) for m in (LLM(teacher, tok), llm))
+    assert [o.outputs[0].text for o in out] == [o.outputs[0].text for o in base] and toks(out) == toks(base)
+    assert any(o.outputs[0].stop_reason == ". " for o in out)
 
 
 def test_engine_requests_with_engine_only_sampling_are_not_speculated(pair):
