@@ -368,7 +368,8 @@ class DraftModelProposer:
 
 
 # %% ../../nbs/46_speculative.ipynb #sd000104
-def speculates(seq) -> bool:
+def speculates(seq, # an engine Sequence
+              ) -> bool:
     "Whether a sequence's sampling is plain (temperature, top-k, top-p), so `verify_draft` can check its drafts."
     p = seq.params  # penalties, min_p, logprobs and unmet min_tokens are the engine sampler's: such a request decodes one token a step
     if getattr(p, "logprobs", None) is not None or getattr(p, "min_p", 0) > 0: return False
@@ -469,10 +470,15 @@ class MedusaProposer:
                              "train the heads on this target")
         self.heads, self.hidden = heads.eval(), {}  # Sequence -> [d] hidden state of the row that chose its newest token
 
-    def release(self, seq) -> None: self.hidden.pop(seq, None)
+    def release(self, seq) -> None:
+        "Forget a sequence that left the running set."
+        self.hidden.pop(seq, None)
 
     @torch.no_grad()
-    def propose(self, seqs:list, ks:list) -> list:
+    def propose(self,
+                seqs:list, # decode sequences
+                ks:list, # guesses wanted per sequence (capped at the number of heads)
+               ) -> list: # [k_i, V] one-hot q per sampled sequence (None when greedy); the guesses are appended to token_ids
         "Heads 1..k on the hidden state where the newest token was chosen; a sequence without one yet drafts nothing."
         qs = []
         for i, (s, k) in enumerate(zip(seqs, ks)):
@@ -484,11 +490,17 @@ class MedusaProposer:
                       if d and s.params.temperature > 0 else None)
         return qs
 
-    def accepted(self, seq, num_valid:int, hidden=None) -> None:
+    def accepted(self,
+                 seq, # a sequence after verification
+                 num_valid:int, # tokens whose KV is valid (unused: the heads keep no cache)
+                 hidden=None, # [d] the target's hidden state at the row that chose the newest token
+                ) -> None:
         "Keep the hidden state of the row that chose the sequence's newest token."
         self.hidden[seq] = hidden
 
-def make_proposer(llm, speculative_model):
+def make_proposer(llm, # the engine
+                  speculative_model, # a draft causal LM, or heads with .propose / .n_heads / .lm_weight
+                 ):
     "The proposer for `speculative_model`: heads with `.propose(h, t1, k)`, `.n_heads`, `.lm_weight` (Medusa), else a draft causal LM."
     if all(hasattr(speculative_model, a) for a in ("propose", "n_heads", "lm_weight")): return MedusaProposer(llm, speculative_model)
     check_pair(llm.runner.model, speculative_model)
