@@ -270,7 +270,7 @@ def test_engine_sampling_matches_target_distribution(pair, proposer):
 
 
 def test_engine_speculative_soak(pair):
-    "A few dozen mixed requests (greedy and sampled, n=2, stop ids, eos, tiny pool that forces preemption): no token after a stop, greedy ones equal the no-draft engine, every block comes back."
+    "A few dozen mixed requests (greedy and sampled, n=2, stop ids, eos, chunked prefill, a pool small enough to preempt): no token after a stop, greedy ones equal the no-draft engine, every block comes back."
     target, draft = pair
     prompts, lens = random_requests(40, 7, max_len=30)
     ps = []
@@ -281,7 +281,8 @@ def test_engine_speculative_soak(pair):
         elif kind == 2: ps.append(SamplingParams(max_tokens=n, stop_token_ids=[5, 9]))
         else: ps.append(SamplingParams(max_tokens=n, temperature=1.0, seed=i, n=2))
     base = LLM(target, block_size=4, num_gpu_blocks=60).generate(prompts, ps, use_tqdm=False)
-    llm = LLM(target, block_size=4, num_gpu_blocks=30, max_num_seqs=16, speculative_model=draft, num_speculative_tokens=4)
+    llm = LLM(target, block_size=4, num_gpu_blocks=30, max_num_seqs=16, max_num_batched_tokens=24,  # chunked prefill
+              speculative_model=draft, num_speculative_tokens=4)  # mixes prompt chunks with speculative decodes
     out = llm.generate(prompts, ps, use_tqdm=False)
     assert llm.scheduler.num_preemptions > 0  # the small pool really preempted
     eos = eos_token_ids(target)
