@@ -145,3 +145,5 @@ def test_model_solve_on_an_untrained_model_returns_parsed_dicts():
     assert len(outs) == 2 and all(isinstance(o, dict) for o in outs)
     assert all(0 <= score(p, o)["wcr"] <= 1 for p, o in zip(ps, outs))
     with pytest.raises(ValueError, match="no training puzzles"): train_solver(solver_model(TOK, hidden=32, layers=1), TOK, [])
+    with pytest.raises(ValueError, match="2 puzzles but 1 prefills"): model_solve(solver_model(TOK, hidden=32, layers=1), TOK, ps, [{}])
+    with pytest.raises(ValueError, match="no puzzles"): model_solve(solver_model(TOK, hidden=32, layers=1), TOK, [])

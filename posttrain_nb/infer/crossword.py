@@ -411,7 +411,10 @@ def model_solve(model, # a trained solver
                ) -> list: # per puzzle, {key: word} parsed from the greedy output
     "Greedy answers from the model (`core.generate`), parsed with `parse_answers`."
     from posttrain_nb.core import generate
-    revealed = revealed or [None] * len(puzzles)
+    if not puzzles: raise ValueError("model_solve got no puzzles")
+    revealed = [None] * len(puzzles) if revealed is None else list(revealed)
+    if len(revealed) != len(puzzles):
+        raise ValueError(f"{len(puzzles)} puzzles but {len(revealed)} prefills; pass one (or None) per puzzle")
     prompts = [solver_prompt(p, r) for p, r in zip(puzzles, revealed)]
     budget = max(len(tokenizer(answer_text(p))["input_ids"]) for p in puzzles) + 8
     g = generate(model, tokenizer, prompts, max_new_tokens=budget, chat=False, batch_size=batch_size)
