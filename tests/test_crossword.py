@@ -111,3 +111,39 @@ def test_prefill_and_text_round_trip(seed, ratio):
     assert back["revealed"] == shown
     key, loo = leave_one_out(p, seed)
     assert set(loo).isdisjoint(p.entry(key).cells)
+
+# --- the tiny-model solver's text interface -------------------------------------------------------------------------
+from posttrain_nb.infer.crossword import (solver_tokenizer, solver_prompt, answer_text, parse_answers, solver_model,
+                                          model_solve, train_solver)
+
+TOK = solver_tokenizer()
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.integers(5, 11), ratio=st.sampled_from([0.0, 0.25, 0.5, 0.75]))
+def test_solver_text_round_trips_through_the_tokenizer(seed, size, ratio):
+    p = make_puzzle(WORDS, size, size, seed=seed % 100, attempts=2)
+    rng = random.Random(seed)
+    pred = {k: "".join(rng.choice("ABCXYZ") for _ in range(rng.randint(1, 8))) for k in p.answers if rng.random() < 0.8}
+    ids = TOK(answer_text(p, pred))["input_ids"]
+    assert TOK.unk_token_id not in ids
+    assert parse_answers(TOK.decode(ids)) == pred
+    # the prompt's first tokens are the grid, one token per cell: 1 blocked, 0 empty, or the revealed letter
+    shown = prefill(p, ratio, seed)
+    toks = TOK.convert_ids_to_tokens(TOK(solver_prompt(p, shown))["input_ids"])
+    assert TOK.unk_token not in toks
+    cells = ["1" if p.grid[r][c] == "-" else shown.get((r, c), "0") for r in range(size) for c in range(size)]
+    assert toks[0] == "Grid" and toks[1:1 + size * size] == cells and toks[1 + size * size] == "Across"
+
+def test_parse_answers_is_forgiving_but_exact():
+    assert parse_answers("Answers: across 1 = C A T ; down 12 = D O G ;") == {"across 1": "CAT", "down 12": "DOG"}
+    assert parse_answers("across 1 = C A T ; across 1 = B A T ; down 2 = D O G7 ; down 3 =") == {"across 1": "CAT", "down 3": ""}
+    assert parse_answers(None) == {} and parse_answers("across = C A T") == {}
+
+def test_model_solve_on_an_untrained_model_returns_parsed_dicts():
+    ps = [make_puzzle(WORDS, 5, 5, seed=s, attempts=2) for s in range(2)]
+    outs = model_solve(solver_model(TOK, hidden=32, layers=1), TOK, ps, [prefill(p, 0.5, 0) for p in ps])
+    assert len(outs) == 2 and all(isinstance(o, dict) for o in outs)
+    assert all(0 <= score(p, o)["wcr"] <= 1 for p, o in zip(ps, outs))
+    with pytest.raises(ValueError, match="no training puzzles"): train_solver(solver_model(TOK, hidden=32, layers=1), TOK, [])
+    with pytest.raises(ValueError, match="2 puzzles but 1 prefills"): model_solve(solver_model(TOK, hidden=32, layers=1), TOK, ps, [{}])
+    with pytest.raises(ValueError, match="no puzzles"): model_solve(solver_model(TOK, hidden=32, layers=1), TOK, [])

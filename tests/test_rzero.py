@@ -51,3 +51,12 @@ def test_stage_contract():
     check_options(["rzero"], {"rzero": {"iterations": 1, "m": 4}}, STAGES)
     with pytest.raises(PipelineError, match="no option 'steps'"): check_options(["rzero"], {"rzero": {"steps": 3}}, STAGES)
     with pytest.raises(PipelineError, match="iterations"): check_options(["rzero"], {"rzero": {"iterations": 0}}, STAGES)
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 30), st.integers(0, 50))
+def test_band_filter_matches_exact_arithmetic(m, k):
+    "The band at delta = k/100 (the explorer's slider values) keeps exactly the vote counts with |v/m - 1/2| <= delta."
+    from fractions import Fraction
+    delta = Fraction(k, 100)
+    want = [v for v in range(m + 1) if abs(Fraction(v, m) - Fraction(1, 2)) <= delta]
+    assert [v for v in range(m + 1) if band_filter(v, m, float(delta))] == want

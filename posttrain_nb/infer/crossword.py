@@ -11,7 +11,8 @@ from typing import Sequence
 
 # %% auto #0
 __all__ = ['ACROSS', 'DOWN', 'load_words', 'stable_seed', 'Entry', 'Puzzle', 'make_puzzle', 'prefill', 'leave_one_out', 'to_text',
-           'parse_text', 'draw', 'score']
+           'parse_text', 'draw', 'score', 'solver_prompt', 'answer_text', 'parse_answers', 'solver_tokenizer',
+           'solver_model', 'training_puzzles', 'train_solver', 'model_solve']
 
 # %% ../../nbs/37_crossword.ipynb #99ef5132
 def load_words(name:str="words_en", # a shipped list (posttrain_nb/crossword_data/<name>.tsv) or a path to a .tsv
@@ -296,3 +297,125 @@ def score(puzzle:Puzzle, # the puzzle with its gold answers
         ok += len(a) > i and len(d) > j and a[i] == d[j]
     complete = set(pred) == set(gold) and all(pred[k] == g for k, g in gold.items())
     return {"wcr": wcr, "lcr": lcr, "icr": ok / len(inter) if inter else 0.0, "complete": complete}
+
+# %% ../../nbs/37_crossword.ipynb #tiny-export
+_SPACED = re.compile(r"[\[\],\"():]")  # the text format's punctuation: dropped by the solver's tokenizer
+_ANSWER_RE = re.compile(r"\b(across|down) (\d+) =((?: [A-Za-z])*)$")
+
+def solver_prompt(puzzle:Puzzle, # the puzzle
+                  revealed:dict|None=None, # (row, col) -> letter shown in the grid (prefill)
+                 ) -> str:
+    "The model's input: the chapter's text format, then `Answers:`."
+    return to_text(puzzle, revealed) + "\nAnswers:"
+
+def answer_text(puzzle:Puzzle, # the puzzle
+                answers:dict|None=None, # key -> word; the gold answers if None
+               ) -> str:
+    "The model's output format: the answers in the prompt's clue order (across, then down), letters spaced: `across 1 = C A T ; down 2 = ...`."
+    answers = puzzle.answers if answers is None else answers
+    order = [e.key for d in (ACROSS, DOWN) for e in puzzle.entries if e.direction == d]
+    return " ; ".join(f"{k} = {' '.join(answers[k].upper())}" for k in order if k in answers)
+
+def parse_answers(text:str, # a model's output
+                 ) -> dict: # "across 1" -> WORD; parts that do not parse are skipped, the first answer to a key wins
+    "Read `answer_text`'s format back (also from a decoded, space-joined token stream); text before a part's key is ignored."
+    out = {}
+    for part in (text or "").split(";"):
+        m = _ANSWER_RE.search(" ".join(part.split()))
+        if m and f"{m[1]} {m[2]}" not in out: out[f"{m[1]} {m[2]}"] = m[3].replace(" ", "").upper()
+    return out
+
+def solver_tokenizer(words_and_clues:Sequence|str="words_en", # the word list whose clue words make the vocabulary
+                     max_number:int=99, # numbers 0..max_number are tokens (clue numbers, rows, columns)
+                    ):
+    "A word-level tokenizer for the text format: clue words, letters, numbers and `across`/`down`/`=`/`;`; punctuation dropped."
+    from tokenizers import Tokenizer, Regex, models, normalizers, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    pairs = load_words(words_and_clues) if isinstance(words_and_clues, str) else list(words_and_clues)
+    pre = pre_tokenizers.Whitespace()
+    vocab = {}
+    for t in (["<pad>", "<eos>", "<unk>", "Grid", "Across", "Down", "Answers", "across", "down", "=", ";"] +
+              [chr(65 + i) for i in range(26)] + [str(i) for i in range(max_number + 1)]):
+        vocab.setdefault(t, len(vocab))
+    for _, clue in pairs:
+        for t, _ in pre.pre_tokenize_str(_SPACED.sub(" ", clue)): vocab.setdefault(t, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Replace(Regex(_SPACED.pattern), " ")
+    tk.pre_tokenizer, tk.decoder = pre, decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+def solver_model(tokenizer, # from solver_tokenizer
+                 hidden:int=128, # model width
+                 layers:int=3, # transformer blocks
+                 heads:int=4, # query heads (2 key/value heads)
+                 context:int=1024, # position limit (an 11x11 puzzle and its answers take about 700 tokens)
+                 seed:int=0, # seeds the initial weights
+                ):
+    "A zoo-sized Llama, built from its config (nothing is downloaded)."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from posttrain_nb.core import set_seed
+    set_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=context,
+                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+def training_puzzles(words_and_clues:Sequence, # the words the model may learn (its clue knowledge)
+                     sizes:Sequence=(5, 6), # square grid sizes
+                     n:int=1000, # puzzles per size
+                     ratios:Sequence=(0.0, 0.25, 0.5, 0.75), # prefill ratios, one drawn per puzzle (stable hash)
+                     seed:int=0, # puzzle seeds are seed*1_000_000 + 0..n-1: keep test seeds out of that range
+                     attempts:int=3, # placer restarts per puzzle
+                    ) -> list: # (puzzle, revealed) pairs
+    "Small puzzles with a random prefill, for training the solver."
+    out = []
+    for size in sizes:
+        for i in range(n):
+            s = seed * 1_000_000 + i
+            p = make_puzzle(words_and_clues, size, size, seed=s, attempts=attempts)
+            ratio = ratios[random.Random(stable_seed("ratio", s, size)).randrange(len(ratios))]
+            out.append((p, prefill(p, ratio, s)))
+    return out
+
+def train_solver(model, # from solver_model (trained in place)
+                 tokenizer, # from solver_tokenizer
+                 pairs:Sequence, # (puzzle, revealed) pairs, e.g. from training_puzzles
+                 steps:int=800, # optimiser steps
+                 batch_size:int=32, # puzzles per step
+                 lr:float=3e-3, # peak learning rate (cosine, 10% warm-up)
+                 seed:int=0, # seeds the data order
+                 progress:bool=True, # progress bar
+                ):
+    "SFT on the answers only (prompt masked), through `core.train_loop`; returns the TrainResult."
+    from posttrain_nb.core import TrainConfig, train_loop, masked_lm_loss, encode_for_training, context_length
+    from posttrain_nb.zoo import collate_pretokenized
+    if not pairs: raise ValueError("no training puzzles")
+    rows = []
+    for s in range(0, len(pairs), 512):
+        chunk = pairs[s:s + 512]
+        b = encode_for_training(tokenizer, [solver_prompt(p, r) for p, r in chunk], [answer_text(p) for p, _ in chunk],
+                                max_length=context_length(model), chat=False)
+        for ids, am, rm in zip(b["input_ids"], b["attention_mask"], b["response_mask"]):
+            n = int(am.sum()); rows.append((ids[:n].tolist(), rm[:n].tolist()))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10), seed=seed)
+    pad = tokenizer.pad_token_id
+    return train_loop(model, masked_lm_loss, rows, cfg, collate=lambda r: collate_pretokenized(r, pad),
+                      progress=progress, desc="crossword solver")
+
+def model_solve(model, # a trained solver
+                tokenizer, # its tokenizer
+                puzzles:Sequence, # the puzzles
+                revealed:Sequence|None=None, # per puzzle, its prefill (None: nothing revealed)
+                batch_size:int=32, # prompts per generation batch
+               ) -> list: # per puzzle, {key: word} parsed from the greedy output
+    "Greedy answers from the model (`core.generate`), parsed with `parse_answers`."
+    from posttrain_nb.core import generate
+    if not puzzles: raise ValueError("model_solve got no puzzles")
+    revealed = [None] * len(puzzles) if revealed is None else list(revealed)
+    if len(revealed) != len(puzzles):
+        raise ValueError(f"{len(puzzles)} puzzles but {len(revealed)} prefills; pass one (or None) per puzzle")
+    prompts = [solver_prompt(p, r) for p, r in zip(puzzles, revealed)]
+    budget = max(len(tokenizer(answer_text(p))["input_ids"]) for p in puzzles) + 8
+    g = generate(model, tokenizer, prompts, max_new_tokens=budget, chat=False, batch_size=batch_size)
+    return [parse_answers(t) for t in g.texts]
