@@ -381,12 +381,6 @@ def next_token_agreement(draft, # the proposing model
     m = b["response_mask"][:, 1:].bool()   # positions whose next token is part of the target's solution
     return (pt[m] == pd[m]).float().mean().item()
 
-# %% ../nbs/02_zoo.ipynb #87337ecc
-# The protocol is defined once, in posttrain_nb.tasks (the layer below the zoo); this chapter introduces it and the
-# inference chapters reach it through the zoo under these names.
-from .tasks import (HELD_OUT_N as HELDOUT_SIZE, held_out as heldout_items, accuracy_se, paired_difference,
-                                describe_difference)
-
 # %% ../nbs/02_zoo.ipynb #39eaf847
 @call_parse
 def main(rebuild:bool=False, # verify the zoo and rebuild it from scratch if any file fails (about 10 minutes on 2 CPU cores)

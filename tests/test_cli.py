@@ -3,7 +3,7 @@ import json, subprocess, sys
 import pytest
 from conftest import bin_path
 
-COMMANDS = ["posttrain-pipeline", "posttrain-zoo", "posttrain-docs"]
+COMMANDS = ["posttrain-pipeline", "posttrain-zoo", "posttrain-docs", "posttrain-serve"]
 
 def run(*args, **kw):
     return subprocess.run(list(args), capture_output=True, text=True, timeout=600, **kw)

@@ -89,7 +89,7 @@ class LLM:
     def __init__(self,
                  model, # a Hugging Face Llama/Mistral/Qwen2/Qwen3 causal LM, or a checkpoint folder
                  tokenizer=None, # its tokenizer (loaded from the folder when model is a path)
-                 speculative_model=None, # a draft model for speculative decoding (serve.spec_decode)
+                 speculative_model=None, # a draft causal LM or Medusa heads for speculative decoding (serve.speculative)
                  num_speculative_tokens:int=0, # tokens the draft proposes per step
                  dtype=None, # cast the model: torch dtype or 'float32'/'bfloat16'/'float16'; None keeps it
                  device=None, # move the model there ('cpu', 'cuda'); None keeps it
@@ -138,12 +138,9 @@ class LLM:
         self.vocab_size = self.runner.embed.num_embeddings
         self.requests, self._ids, self.num_steps = {}, itertools.count(), 0
         self.spec = None
-        if speculative_model is not None:
-            try: from posttrain_nb.serve import spec_decode
-            except ImportError as e:
-                raise NotImplementedError("speculative decoding inside the engine comes with posttrain_nb.serve.spec_decode, "
-                                          "which this install lacks") from e
-            self.spec = spec_decode.make_proposer(self, speculative_model, num_speculative_tokens)
+        if speculative_model is not None or num_speculative_tokens:
+            from posttrain_nb.serve.speculative import SpecDecoder
+            self.spec = SpecDecoder(self, speculative_model, num_speculative_tokens)
 
     # -- requests --------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple: # (text or None, token ids)
@@ -206,6 +203,7 @@ class LLM:
         s.finish_reason, s.stop_reason = reason, stop_reason
         self.scheduler.finish(s)
         self.runner.release(s)
+        if self.spec is not None: self.spec.release(s)
 
     # -- one step --------------------------------------------------------------------------------------------
     def _check_stop(self, s, tok) -> None:
@@ -260,25 +258,30 @@ class LLM:
 
     def _step(self) -> tuple: # (ids of requests that advanced, ids of requests that finished)
         out = self.scheduler.schedule()
-        for s in out.preempted: self.runner.release(s)
+        for s in out.preempted:
+            self.runner.release(s)
+            if self.spec is not None: self.spec.release(s)
         if not out.seqs:
             if self.scheduler.has_unfinished(): raise RuntimeError("the scheduler could not run any waiting request")
             return set(), set()
+        spec = []  # decode sequences this step speculates on (serve.speculative.SpecDecoder)
         try:
             if out.block_copies: self.runner.copy_blocks(out.block_copies)
+            if self.spec is not None: spec = self.spec.take(out)
             done, rows, off = [], [], 0  # sequences whose new tokens reach their end sample a token
             for s, n in zip(out.seqs, out.num_new_tokens):
                 off += n
                 if s.num_computed_tokens + n == len(s): done.append(s); rows.append(off - 1)
-            logits = self.runner.forward(out.seqs, out.num_new_tokens, rows)
+            logits = self.runner.forward(out.seqs, out.num_new_tokens, rows) if out.seqs else None
             for s, n in zip(out.seqs, out.num_new_tokens):
                 s.num_computed_tokens += n
                 self.block_manager.cache_blocks(s, s.num_computed_tokens)  # computed full blocks become findable
             pairs = [(s, r) for r, s in enumerate(done)]
             pairs += [(c, r) for r, s in enumerate(done) if s.pending_forks for c in self._fork(s)]
-            toks, lps = sample(logits[[r for _, r in pairs]], [s for s, _ in pairs], self.eos_ids)
+            toks, lps = sample(logits[[r for _, r in pairs]], [s for s, _ in pairs], self.eos_ids) if pairs else ([], [])
+            spec_toks = self.spec.step(spec) if spec else []  # accepted drafts + the target's token, per sequence
         except Exception as e:  # this step's requests fail alone; their blocks go back to the pool
-            failed = {s.request_id for s in out.seqs}
+            failed = {s.request_id for s in out.seqs + spec}
             for rid in failed:
                 req = self.requests[rid]
                 req.error = f"failed in an engine step: {type(e).__name__}: {e}"
@@ -287,8 +290,11 @@ class LLM:
             return failed, failed
         now = time.perf_counter()
         for (s, _), tok, lp in zip(pairs, toks, lps): self.append_token(s, tok, lp, now)
+        for s, ts in zip(spec, spec_toks):
+            for tok in ts:
+                if not s.is_finished: self.append_token(s, tok, None, now)  # stops are checked on every token
         self.num_steps += 1
-        advanced = {s.request_id for s, _ in pairs}
+        advanced = {s.request_id for s, _ in pairs} | {s.request_id for s in spec}
         return advanced, {r for r in advanced if all(s.is_finished for s in self.requests[r].seqs)}
 
     def _output(self, rid, pop:bool) -> RequestOutput:
@@ -306,7 +312,6 @@ class LLM:
 
     def step(self) -> list: # RequestOutput of every request that advanced (cumulative; finished ones are dropped after)
         "One engine iteration: schedule, run the model once, sample, and report the requests that moved."
-        if self.spec is not None: return self.spec.step()
         advanced, finished = self._step()
         return [self._output(r, pop=r in finished) for r in advanced]
 

@@ -193,7 +193,7 @@ class ModelRunner:
                                          self.scale, backend="triton", kv_layout="HND", validate=False)
                 else:
                     og = paged_attention_group(qg.view(g.B, g.Tq, H, D), k_cache, v_cache, g.tables, g.mask, self.scale,
-                                               kv_layout="HND").view(-1, H, D)
+                                               kv_layout="HND").reshape(-1, H, D)
                 if o is None: o = og
                 else: o[g.start:g.end] = og
             h = h + attn.o_proj(o.reshape(N, H * D))

@@ -11,7 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..core import TrainConfig, TrainResult, train_loop, masked_lm_loss
-from .quantize import make_grid, INTGrid
+from .quantize import make_grid, INTGrid, attach_quantized_save
 from .fp4_kernel import FP4Linear
 from ..train.distill import kd_loss
 
@@ -136,8 +136,8 @@ def qat(model, # a Hugging Face causal LM (not modified)
     return m.eval(), res
 
 def convert(model, # a model with QATLinear layers (not modified)
-           ): # the model with FP4Linear layers holding the packed weights
-    "Pack every QATLinear into the real NVFP4/MXFP4 FP4Linear, whose weights decode to the fake-quant forward."
+           ): # the model with FP4Linear layers holding the packed weights (saves as compressed-tensors)
+    "Pack every QATLinear into the real NVFP4/MXFP4 FP4Linear; `save_pretrained` then writes compressed-tensors."
     m = copy.deepcopy(model)
     layers = [(n, l) for n, l in m.named_modules() if isinstance(l, QATLinear)]
     if not layers: raise ValueError("the model has no QATLinear layers; run prepare_qat or qat first")
@@ -147,7 +147,7 @@ def convert(model, # a model with QATLinear layers (not modified)
         lin = nn.Linear(l.in_features, l.out_features, l.bias is not None)
         lin.weight, lin.bias = l.weight, l.bias
         _set_module(m, n, FP4Linear.from_linear(lin, l.fmt))
-    return m.eval()
+    return attach_quantized_save(m.eval())   # a plain save would reload as random layers (serve.quantize)
 
 # %% ../../nbs/62_qat.ipynb #d5fbad93
 def _qat_stage(state, fmt:str="nvfp4", steps:int=100, lr:float=3e-4, batch_size:int=32, n_train:int=4000,

@@ -4,18 +4,22 @@
 
 # %% ../../nbs/46_speculative.ipynb #d9c3caa4
 from __future__ import annotations
-import time
+import itertools, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ..core import Generation, generate, render_prompts, sampling_probs, check_sampling
+from .kv_cache import BlockManager, KVSequence
+
 
 # %% auto #0
 __all__ = ['residual_distribution', 'speculative_step_probs', 'accept_greedy', 'verify_draft', 'expected_tokens_per_call',
-           'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'prompt_tensor',
-           'speculative_generate', 'speculative_decode', 'call_cost_ratio']
+           'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'eos_token_ids',
+           'prompt_tensor', 'speculative_generate', 'speculative_decode', 'DraftSequence', 'draw', 'DraftModelProposer',
+           'speculates', 'SpecDecoder', 'capture_hidden', 'MedusaProposer', 'make_proposer', 'call_cost_ratio']
 
 # %% ../../nbs/46_speculative.ipynb #5adfc8d0
 # the filtered distributions p and q come from core's one sampler: `sampling_probs(logits, temperature, top_k, top_p)`
@@ -165,6 +169,16 @@ def check_context(models:list, # the causal LMs that will see the sequence
             raise ValueError(f"the prompt has {prompt_len} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
                              f"model's context of {limit}; shorten it or lower max_new_tokens")
 
+def eos_token_ids(model, # a causal LM: its generation_config.eos_token_id (int or list), else its config's
+                  tokenizer=None, # its tokenizer, whose eos_token_id counts too
+                 ) -> list: # the ids that end a sequence, sorted, without duplicates
+    "Every end-of-sequence id of a model and its tokenizer (HF `generate` stops at the generation config's)."
+    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if e is None: e = getattr(getattr(model, "config", None), "eos_token_id", None)
+    ids = set() if e is None else {int(e)} if isinstance(e, int) else {int(t) for t in e}
+    if tokenizer is not None and tokenizer.eos_token_id is not None: ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
 def prompt_tensor(input_ids, # [L] or [1, L] prompt token ids
                   device, # where the models live
                  ) -> torch.Tensor: # [1, L] LongTensor
@@ -186,7 +200,7 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                          top_k:int=0, # top-k filtering applied to both models (0: none)
                          top_p:float=1.0, # nucleus filtering applied to both models (1: none)
                          seed:int|None=None, # seed of the sampler (rejection uniforms and draws)
-                         eos_token_id:int|None=None, # stop after emitting this token
+                         eos_token_id:int|list|None=None, # stop after emitting any of these; None: the target's eos ids; []: never
                          tokenizers:tuple|None=None, # (target, draft) tokenizers, to refuse mismatched vocabularies
                          min_draft_prob:float=0.0, # stop drafting after a token the draft gives less than this (still lossless)
                         ) -> tuple: # (ids [1, L + new] LongTensor, SpecStats)
@@ -199,6 +213,8 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
     gen = torch.Generator(device=device)
     if seed is not None: gen.manual_seed(seed)
     else: gen.seed()
+    eos = set(eos_token_ids(target, tokenizers[0] if tokenizers else None) if eos_token_id is None else
+              [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
     greedy, L0, stats = temperature == 0, ids.shape[1], SpecStats(gamma)
     tcache = dcache = None; dlen = 0
     modes = (target.training, draft.training); target.eval(); draft.eval()
@@ -221,7 +237,7 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                         tok = torch.multinomial(qs[-1], 1, generator=gen)[0]; conf = float(qs[-1][tok])
                     drafts.append(tok); x = tok.view(1, 1)
                     # an unsure or final draft token is unlikely to be followed by accepted ones: verify now
-                    if conf < min_draft_prob or (eos_token_id is not None and int(tok) == eos_token_id): break
+                    if conf < min_draft_prob or int(tok) in eos: break
                 d = len(drafts)
                 dr = torch.stack(drafts) if d else ids.new_empty(0)
                 tlen = 0 if tcache is None else tcache.get_seq_length()
@@ -235,8 +251,9 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                     n, t = verify_draft(sampling_probs(z, temperature, top_k, top_p), q, dr, gen)
                 new = dr[:n].tolist() + [t]
                 stats.accepted.append(n); stats.drafted.append(d)
-                stop = eos_token_id is not None and eos_token_id in new
-                if stop: new = new[:new.index(eos_token_id) + 1]
+                end = next((i for i, t in enumerate(new) if t in eos), None)  # never emit a token after an end token
+                stop = end is not None
+                if stop: new = new[:end + 1]
                 ids = torch.cat([ids, torch.tensor([new], device=device)], 1)
                 crop_cache(tcache, ids.shape[1] - 1)
                 if dcache is not None:
@@ -262,20 +279,234 @@ def speculative_decode(target, # the target causal LM
                        progress:bool=False, # progress bar over prompts
                        min_draft_prob:float=0.0, # stop a round's drafting at a token the draft is less sure of
                       ) -> tuple: # (core.Generation, pooled SpecStats)
-    "Speculative decoding of many prompts, one at a time."
+    "Speculative decoding of many prompts, one at a time (`speculative_generate` on each, stopping at the eos ids)."
     texts = render_prompts(tokenizer, prompts, chat)
     p_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for i, p in enumerate(p_ids):  # every prompt is checked before any is decoded
         try: check_context([target, draft], len(p), max_new_tokens)
         except ValueError as e: raise ValueError(f"prompt {i}: {e}") from None
+    eos = eos_token_ids(target, tokenizer)
     stats, outs, t0 = SpecStats(gamma), [], time.perf_counter()
     for i, p in enumerate(tqdm(p_ids, disable=not progress, desc=f"speculative γ={gamma}")):
         ids, st = speculative_generate(target, draft, p, max_new_tokens, gamma, temperature, top_k, top_p,
-                                       None if seed is None else seed + i, tokenizer.eos_token_id,
+                                       None if seed is None else seed + i, eos,
                                        min_draft_prob=min_draft_prob)
         outs.append(ids[0, len(p):].tolist()); stats = stats.merge(st)
     dec = tokenizer.batch_decode(outs, skip_special_tokens=True)
     return Generation(dec, outs, p_ids, time.perf_counter() - t0), stats
+
+# %% ../../nbs/46_speculative.ipynb #sd000103
+class DraftSequence(KVSequence):
+    "The draft's view of a sequence: the same token list, its own block table (in the draft's pool) and length pointer."
+    def __init__(self, seq): # the engine's Sequence it mirrors
+        super().__init__(seq.token_ids)  # the same list object: drafts appended to the sequence are seen by the draft
+        self.num_computed_tokens = 0  # length pointer: the draft's KV is valid for token_ids[:num_computed_tokens]
+    __eq__, __hash__ = object.__eq__, object.__hash__  # the runner keys its block-table rows by sequence identity
+
+def draw(logits:torch.Tensor, # [V] one position's logits
+         params, # the request's SamplingParams
+         generator:torch.Generator|None, # the request's generator
+        ) -> tuple: # (token id, [V] probabilities it was drawn from, or None when greedy)
+    "Greedy: the arg-max. Otherwise a draw from core's one sampler (`sampling_probs`)."
+    if params.temperature == 0: return int(logits.argmax()), None
+    q = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+    return int(torch.multinomial(q, 1, generator=generator)), q
+
+class DraftModelProposer:
+    "A small causal LM with its own paged KV (its own ModelRunner and BlockManager) drafts k tokens per sequence."
+    def __init__(self,
+                 model, # the draft causal LM (same vocabulary as the target)
+                 num_blocks:int, # blocks in the draft's KV pool
+                 block_size:int, # tokens per block
+                 max_model_len:int, # longest sequence
+                 attn_backend:str="auto", # paged attention backend
+                ):
+        from posttrain_nb.serve.model_runner import ModelRunner
+        self.runner = ModelRunner(model, num_blocks, block_size, max_model_len, attn_backend)
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.states = {}  # target Sequence -> DraftSequence
+
+    def release(self, seq) -> None:
+        "Free the draft's blocks of a sequence that finished, was preempted or aborted."
+        d = self.states.pop(seq, None)
+        if d is not None: self.bm.free(d, keep_cache=False); self.runner.release(d)
+
+    def propose(self,
+                seqs:list, # decode sequences (the target's KV holds all but their last token)
+                ks:list, # drafts wanted per sequence
+               ) -> list: # [k_i, V] draft probabilities per sequence (None when greedy); the drafts are appended to token_ids
+        "Catch the draft up on each sequence's new tokens, then draft k tokens one batched call at a time (fewer if its pool is full)."
+        qs, act = [[] for _ in seqs], []
+        for i, (s, k) in enumerate(zip(seqs, ks)):
+            d = self.states.get(s) or self.states.setdefault(s, DraftSequence(s))
+            if k == 0: continue
+            if not self.bm.can_grow(d, len(s) + k - 1): self.release(s); ks[i] = 0; continue  # the last draft is never fed
+            self.bm.grow(d, len(s) + k - 1)
+            act.append(i)
+        for j in range(max((ks[i] for i in act), default=0)):
+            rows = [i for i in act if ks[i] > j]
+            ds = [self.states[seqs[i]] for i in rows]
+            nn = [len(d.token_ids) - d.num_computed_tokens for d in ds]  # the tokens it has not seen, then one draft a call
+            z = self.runner.forward(ds, nn, list(itertools.accumulate(nn, initial=-1))[1:])
+            for r, (i, d, n) in enumerate(zip(rows, ds, nn)):
+                s = seqs[i]
+                d.num_computed_tokens += n
+                tok, q = draw(z[r], s.params, s.generator)
+                s.token_ids.append(tok); qs[i].append(q)
+        return [torch.stack(q) if q and q[0] is not None else None for q in qs]
+
+    def accepted(self,
+                 seq, # a sequence after verification
+                 num_valid:int, # tokens of seq whose KV is valid in the target (the accepted prefix)
+                 hidden=None, # unused (Medusa reads the target's hidden state here)
+                ) -> None:
+        "Move the draft's length pointer back to the accepted prefix and free its blocks past it."
+        d = self.states.get(seq)
+        if d is None: return
+        d.num_computed_tokens = min(d.num_computed_tokens, num_valid)
+        self.bm.truncate(d, d.num_computed_tokens)
+
+
+# %% ../../nbs/46_speculative.ipynb #sd000104
+def speculates(seq, # an engine Sequence
+              ) -> bool:
+    "Whether a sequence's sampling is plain (temperature, top-k, top-p), so `verify_draft` can check its drafts."
+    p = seq.params  # penalties, min_p, logprobs and unmet min_tokens are the engine sampler's: such a request decodes one token a step
+    if getattr(p, "logprobs", None) is not None or getattr(p, "min_p", 0) > 0: return False
+    if getattr(p, "presence_penalty", 0) or getattr(p, "frequency_penalty", 0) or getattr(p, "repetition_penalty", 1) != 1:
+        return False
+    return seq.num_output_tokens >= (getattr(p, "min_tokens", 0) or 0)
+
+class SpecDecoder:
+    "Batched draft-then-verify for the engine's decode sequences (vLLM's speculative_model / num_speculative_tokens)."
+    def __init__(self,
+                 llm, # the serve.engine.LLM whose runner and block manager verify
+                 speculative_model, # a draft causal LM sharing the target's vocabulary, or Medusa heads
+                 num_speculative_tokens:int, # k: drafts per sequence per step
+                ):
+        if speculative_model is None:
+            raise ValueError("num_speculative_tokens needs a speculative_model (a draft causal LM or MedusaHeads)")
+        if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 1 with a speculative_model, got {num_speculative_tokens!r}")
+        self.llm, self.k = llm, num_speculative_tokens
+        self.proposer = make_proposer(llm, speculative_model)
+        self.stats = SpecStats(num_speculative_tokens)  # one entry per sequence and step: drafted, accepted
+
+    def take(self,
+             out, # the scheduler's output for this step (serve.scheduler.SchedulerOutput)
+            ) -> list: # the decode sequences this step speculates on, removed from `out`
+        "Split a step: decode sequences with plain sampling are speculated on; prefill chunks and the rest run as usual."
+        mine, keep = [], []
+        for s, n in zip(out.seqs, out.num_new_tokens):
+            plain = n == 1 and s.num_computed_tokens + 1 == len(s) and not s.pending_forks and speculates(s)
+            if plain: mine.append(s)
+            else: keep.append((s, n))
+        out.seqs, out.num_new_tokens = [s for s, _ in keep], [n for _, n in keep]
+        return mine
+
+    def step(self,
+             seqs:list, # decode sequences (their last token's KV slot is allocated, not yet computed)
+            ) -> list: # per sequence, the tokens it emits (accepted drafts, then the target's token)
+        "Draft, verify every draft of every sequence in one ragged target forward, accept, roll back."
+        llm, bm, runner = self.llm, self.llm.block_manager, self.llm.runner
+        L = [len(s) for s in seqs]
+        ks = []
+        for s, n in zip(seqs, L):  # never draft past max_tokens or the context; no room in the pool: a plain decode step
+            k = max(0, min(self.k, s.params.max_tokens - s.num_output_tokens - 1, llm.max_model_len - n - 1))
+            if k and bm.can_grow(s, n + k): runner.copy_blocks(bm.grow(s, n + k))
+            else: k = 0
+            ks.append(k)
+        qs = self.proposer.propose(seqs, ks)  # appends each sequence's drafts to its token_ids
+        nn = [len(s) - s.num_computed_tokens for s in seqs]  # 1 + drafts
+        with capture_hidden(runner.lm_head, getattr(self.proposer, "needs_hidden", False)) as hidden:
+            z = runner.forward(seqs, nn)  # ragged: row j of a sequence scores its draft j, its last row is the bonus
+        out, row = [], 0
+        for s, n0, q, m in zip(seqs, L, qs, nn):
+            zi, d, p = z[row:row + m], s.token_ids[n0:], s.params
+            dr = torch.tensor(d, dtype=torch.long, device=zi.device)
+            if p.temperature == 0: n, t = verify_draft(zi, None, dr)
+            else:
+                q = q if q is not None else zi.new_empty(0, zi.shape[-1])
+                n, t = verify_draft(sampling_probs(zi, p.temperature, p.top_k, p.top_p), q, dr, s.generator)
+            out.append(d[:n] + [t])
+            del s.token_ids[n0:]  # the engine appends the accepted drafts and t, checking stops on each
+            s.num_computed_tokens = n0 + n  # roll back: KV valid for the old tokens and the accepted drafts
+            bm.truncate(s, n0 + n); bm.cache_blocks(s, n0)
+            self.proposer.accepted(s, n0 + n, hidden[0][row + n] if hidden else None)
+            self.stats.drafted.append(len(d)); self.stats.accepted.append(n)
+            self.stats.new_tokens += n + 1; self.stats.target_calls += 1  # a "call" = one sequence's verified rows
+            row += m
+        return out
+
+    def release(self, seq) -> None:
+        "A sequence left the running set (finished, preempted, aborted): free the proposer's state for it."
+        self.proposer.release(seq)
+
+    @property
+    def acceptance_rate(self) -> float: return self.stats.acceptance_rate
+
+
+# %% ../../nbs/46_speculative.ipynb #sd000105
+@contextmanager
+def capture_hidden(lm_head, # the target's output layer
+                   enabled:bool=True, # False: capture nothing
+                  ):
+    "Collect the inputs of `lm_head` (the final normed hidden states) during the forwards inside the block."
+    got = []
+    h = lm_head.register_forward_hook(lambda m, inp, out: got.append(inp[0].detach())) if enabled else None
+    try: yield got
+    finally:
+        if h is not None: h.remove()
+
+class MedusaProposer:
+    "Medusa heads on the target's last hidden state guess the next k tokens: no draft model, no second KV cache."
+    needs_hidden = True
+    def __init__(self,
+                 llm, # the engine (its target runner computes the hidden states)
+                 heads, # a serve.medusa.MedusaHeads trained on this target
+                ):
+        if heads.lm_weight.shape[0] != llm.vocab_size:
+            raise ValueError(f"the Medusa heads have a vocabulary of {heads.lm_weight.shape[0]}, the target {llm.vocab_size}; "
+                             "train the heads on this target")
+        self.heads, self.hidden = heads.eval(), {}  # Sequence -> [d] hidden state of the row that chose its newest token
+
+    def release(self, seq) -> None:
+        "Forget a sequence that left the running set."
+        self.hidden.pop(seq, None)
+
+    @torch.no_grad()
+    def propose(self,
+                seqs:list, # decode sequences
+                ks:list, # guesses wanted per sequence (capped at the number of heads)
+               ) -> list: # [k_i, V] one-hot q per sampled sequence (None when greedy); the guesses are appended to token_ids
+        "Heads 1..k on the hidden state where the newest token was chosen; a sequence without one yet drafts nothing."
+        qs = []
+        for i, (s, k) in enumerate(zip(seqs, ks)):
+            h = self.hidden.get(s)
+            k = ks[i] = min(k, self.heads.n_heads) if h is not None else 0
+            d = self.heads.propose(h, None, k).tolist() if k else []
+            s.token_ids.extend(d)  # greedy guesses: for a sampled request q is a point mass (accept x with probability p(x))
+            qs.append(torch.nn.functional.one_hot(torch.tensor(d, dtype=torch.long), self.heads.lm_weight.shape[0]).float()
+                      if d and s.params.temperature > 0 else None)
+        return qs
+
+    def accepted(self,
+                 seq, # a sequence after verification
+                 num_valid:int, # tokens whose KV is valid (unused: the heads keep no cache)
+                 hidden=None, # [d] the target's hidden state at the row that chose the newest token
+                ) -> None:
+        "Keep the hidden state of the row that chose the sequence's newest token."
+        self.hidden[seq] = hidden
+
+def make_proposer(llm, # the engine
+                  speculative_model, # a draft causal LM, or heads with .propose / .n_heads / .lm_weight
+                 ):
+    "The proposer for `speculative_model`: heads with `.propose(h, t1, k)`, `.n_heads`, `.lm_weight` (Medusa), else a draft causal LM."
+    if all(hasattr(speculative_model, a) for a in ("propose", "n_heads", "lm_weight")): return MedusaProposer(llm, speculative_model)
+    check_pair(llm.runner.model, speculative_model)
+    return DraftModelProposer(speculative_model, llm.block_manager.num_blocks, llm.block_size, llm.max_model_len,
+                              llm.runner.attn_backend)
+
 
 # %% ../../nbs/46_speculative.ipynb #94351b77
 def call_cost_ratio(target, # target causal LM
