@@ -126,6 +126,7 @@ def error_body(message:str, # what went wrong and how to fix it
     return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "error"), "param": param, "code": status}}
 
 class StreamOptions(BaseModel):
+    "OpenAI's `stream_options` of a streaming request."
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False # send a last chunk with the token counts
 
@@ -167,6 +168,7 @@ class CompletionRequest(_SamplingRequest):
     best_of: int|None = None
 
 class ChatMessage(BaseModel):
+    "One message of a chat request: a role and its content (text, or a list of text parts)."
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str|list[dict]|None = None
