@@ -167,3 +167,22 @@ def test_requantizing_drops_stale_codes(tmp_path):
     q = quantize_model(quantize_model(tiny(), "rtn", "nvfp4"), "rtn", "int4")
     assert not any(hasattr(m, "fp4_codes") for m in q.modules())
     with pytest.raises(ValueError, match="'int4'"): q.save_pretrained(tmp_path / "ck")
+
+
+def test_engine_serves_an_fp4_folder(tmp_path):
+    "LLM(folder) on a compressed-tensors checkpoint loads FP4Linear layers (not bf16-decompressed ones), as LLM(model) does."
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from posttrain_nb.serve.engine import LLM, SamplingParams
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", pad_token="w1", eos_token="w2")
+    quantize_model(tiny(), method="rtn", fmt="nvfp4").save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prompts, p = [[5, 7, 9, 11], [3, 4]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    served = LLM(str(tmp_path))
+    assert any(type(m).__name__ == "FP4Linear" for m in served.model.modules())
+    ours = [o.outputs[0].token_ids for o in served.generate(prompts, p, use_tqdm=False)]
+    ref = [o.outputs[0].token_ids for o in LLM(load_quantized(tmp_path), tok).generate(prompts, p, use_tqdm=False)]
+    assert ours == ref and all(len(t) == 8 for t in ours)
+    with pytest.raises(ValueError, match="leave dtype unset"): LLM(str(tmp_path), dtype="bfloat16")

@@ -115,9 +115,15 @@ class LLM:
         if isinstance(model, (str, Path)):
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
             try:
-                check_model_config(AutoConfig.from_pretrained(model, local_files_only=not download), max_model_len)
+                config = AutoConfig.from_pretrained(model, local_files_only=not download)
+                check_model_config(config, max_model_len)
                 tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, local_files_only=not download)
-                model = AutoModelForCausalLM.from_pretrained(model, local_files_only=not download, dtype=dtype)
+                qc = getattr(config, "quantization_config", None) or {}
+                if (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") == "compressed-tensors":
+                    if dtype is not None: raise ValueError("an FP4 (compressed-tensors) checkpoint keeps its packed weights; leave dtype unset")
+                    from .quantize import load_quantized  # FP4Linear layers; plain from_pretrained decompresses to bf16
+                    model = load_quantized(model)
+                else: model = AutoModelForCausalLM.from_pretrained(model, local_files_only=not download, dtype=dtype)
             except OSError as e:
                 if download: raise
                 raise ValueError(f"{str(model)!r} is not a model folder on disk (nor in the local Hugging Face cache). The engine "
