@@ -406,7 +406,7 @@ def _write_if_changed(path:Path, data:bytes):
 def build_site(out:str|Path="_docs", # the site folder; a relative path is under the project root
                nbs:str|Path|None=None, # notebooks folder; None reads pyproject.toml
                force:bool=False, # reprocess every notebook and rebuild every page
-               strict:bool=False, # fail when nbdev cannot process a notebook
+               strict:bool=False, # use nbdev's own processor and fail on the first error (see proc_notebooks)
                cache:str|Path="_docs_cache", # Sphinx sources and doctrees kept between builds (relative: project root)
               ) -> Path: # the site folder: open its `index.html`
     "Build the documentation site offline with Sphinx, myst-nb, a local MathJax 3 and the widgets manager."
@@ -491,7 +491,7 @@ def write_readme(nbs:str|Path|None=None, # notebooks folder; None reads pyprojec
 def main(out:str="_docs", # the site folder, relative to the project root
          readme:bool=False, # also write README.md from the index notebook
          force:bool=False, # reprocess every notebook, ignoring nbdev's cache in _proc/
-         strict:bool=False, # fail when nbdev cannot process a notebook, instead of falling back
+         strict:bool=False, # process with nbdev's own processor (runs every cell holding an import) and fail on the first error
          check:bool=False, # fail if a relative link in the site points at a missing file
         ):
     "Build the documentation site offline (Sphinx + myst-nb, MathJax 3 from npm); no Quarto needed."
