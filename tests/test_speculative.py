@@ -336,3 +336,15 @@ def test_engine_requests_with_engine_only_sampling_are_not_speculated(pair):
         llm = LLM(target, block_size=4, num_gpu_blocks=60, speculative_model=draft, num_speculative_tokens=3)
         out = llm.generate([[1, 2, 3]], sp, use_tqdm=False)
         assert toks(out) == toks(base) and len(toks(out)[0]) == 12 and sum(llm.spec.stats.drafted) == 0
+
+
+def test_engine_tokens_per_step_counts_only_kept_tokens(zoo_pair):
+    "An eos inside an accepted run ends the request there; the tokens after it are not output and not counted."
+    from posttrain_nb.tasks import ArithTask
+    teacher, draft, tok = zoo_pair
+    prompts = [it.prompt for it in ArithTask().sample(12, seed=1, split="test")]
+    llm = LLM(teacher, tok, speculative_model=draft, num_speculative_tokens=4)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=48), use_tqdm=False)
+    assert any(o.outputs[0].finish_reason == "stop" for o in outs)  # eos cut some requests short: the test bites
+    # each request's first token comes from its prefill step; every later one from a speculative step
+    assert llm.spec.stats.new_tokens == sum(len(o.outputs[0].token_ids) - 1 for o in outs)

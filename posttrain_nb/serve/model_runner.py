@@ -43,6 +43,23 @@ def check_model_config(config, # a transformers config
     if L > config.max_position_embeddings:
         raise ValueError(f"max_model_len={L} exceeds the model's max_position_embeddings={config.max_position_embeddings}")
 
+def _decode_attention(q, k_new, v_new, k_cache, v_cache, tables, cached, scale):
+    """One query per sequence over its cached context plus its own new key, written as products and sums so that
+    torch.compile reads K/V through the block table inside its loops: no gathered copy is materialized, and the cache
+    is only read (the new K/V are written after the graph). q [B, H, D]; k_new, v_new [B, H_kv, D]; caches 'HND';
+    tables [B, n]; cached [B, n * block_size] True on the context's tokens before the new one. Run eagerly it is
+    slower than `paged_attention_group`; it exists for the compiled graph."""
+    B, H, D = q.shape
+    H_kv, T = k_cache.shape[0], tables.shape[1] * k_cache.shape[2]
+    K, V = k_cache[:, tables].reshape(H_kv, B, T, D), v_cache[:, tables].reshape(H_kv, B, T, D)
+    qg = q.view(B, H_kv, H // H_kv, D).permute(1, 0, 2, 3)  # [H_kv, B, G, D]
+    s = ((qg[:, :, :, None, :] * K[:, :, None]).sum(-1) * scale).masked_fill(~cached[None, :, None], float("-inf"))
+    s_new = (qg * k_new.transpose(0, 1)[:, :, None]).sum(-1, keepdim=True) * scale  # [H_kv, B, G, 1]: the token itself
+    m = torch.maximum(s.amax(-1, keepdim=True), s_new)  # a softmax over [cached..., new]
+    e, e_new = torch.exp(s - m), torch.exp(s_new - m)
+    o = (e[..., None] * V[:, :, None]).sum(-2) + e_new * v_new.transpose(0, 1)[:, :, None]
+    return (o / (e.sum(-1, keepdim=True) + e_new)).permute(1, 0, 2, 3).reshape(B, H, D)
+
 class _Group:
     "Sequences attended together in one step: a fresh prompt (causal SDPA, no cache read) or a bucket read through the tables."
     __slots__ = ("start", "end", "B", "Tq", "fresh", "tables", "mask")
@@ -55,6 +72,7 @@ class ModelRunner:
                  block_size:int, # tokens per block
                  max_model_len:int, # longest sequence served (RoPE table, block-table width)
                  attn_backend:str="auto", # decode attention: 'auto' (Triton on CUDA, torch otherwise), 'torch', 'triton'
+                 enforce_eager:bool=True, # False: run pure decode steps as one torch.compile'd graph (compiles on first use)
                 ):
         cfg = model.config
         if hasattr(model, "peft_config"):
@@ -82,6 +100,9 @@ class ModelRunner:
         # block tables live on the device and grow incrementally: one row per sequence, written only where it changed
         self.tables = torch.zeros(16, math.ceil(max_model_len / block_size), dtype=torch.int32, device=self.device)
         self.rows, self.free_rows = {}, list(range(15, -1, -1))  # sequence -> [row, entries written]
+        # one graph for every batch size and context length: only those two sizes are marked dynamic at each call (sizes
+        # 0 and 1 stay on the eager path); the model's sizes stay static, so the generated loops have fixed widths
+        self.compiled_decode = None if enforce_eager else torch.compile(self._decode_graph)
 
     @staticmethod
     def kv_bytes_per_block(config, block_size:int, dtype=torch.float32) -> int:
@@ -159,16 +180,9 @@ class ModelRunner:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
-    @torch.no_grad()
-    def forward(self,
-                seqs:list, # the sequences of this step (Sequence: token_ids, num_computed_tokens, block_table)
-                num_new_tokens:list, # tokens of each to compute: its next num_new_tokens[i] tokens, already in token_ids
-                logits_indices:list|None=None, # flat positions (in sequence order) whose logits to return; None = all
-               ) -> torch.Tensor: # [len(logits_indices) or sum(num_new_tokens), V] float32 logits
-        "Append the KV of each sequence's new tokens to the paged cache; return the logits of the new positions."
-        ids, pos, slots, groups, starts = self._plan(seqs, num_new_tokens)
-        N, H, H_kv, D = ids.shape[0], self.H, self.H_kv, self.D
-        h = self.embed(ids)
+    def _layers(self, h, pos, attend):
+        "The decoder layers on the flat new tokens h [N, hidden]; attend(i, q, k, v) -> [N, H, D] is layer i's attention."
+        N, H, H_kv, D = h.shape[0], self.H, self.H_kv, self.D
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -178,10 +192,58 @@ class ModelRunner:
             v = attn.v_proj(x).view(N, H_kv, D)
             if self.qk_norm: q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            h = h + attn.o_proj(attend(i, q, k, v).reshape(N, H * D))
+            x = layer.post_attention_layernorm(h)
+            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return h
+
+    def _decode_graph(self, kv, ids, pos, tables):
+        "A decode step (one new token per sequence) as one pure graph for torch.compile: (logits, new K, new V per layer)."
+        cached = torch.arange(tables.shape[1] * self.block_size, device=ids.device)[None] < pos[:, None]
+        new = []
+        def attend(i, q, k, v):
+            new.append(torch.stack([k, v]))
+            return _decode_attention(q, k, v, kv[i, 0], kv[i, 1], tables, cached, self.scale)
+        logits = self.lm_head(self.norm(self._layers(self.embed(ids), pos, attend))).float()
+        return logits, torch.stack(new)  # [n_layers, 2, B, H_kv, D]
+
+    def _forward_decode_compiled(self, seqs, logits_indices):
+        "A decode step through the compiled graph: one bucket padded to the longest context, K/V read in place."
+        bs, dev = self.block_size, self.device
+        self._sync_tables(seqs)
+        pos = [s.num_computed_tokens for s in seqs]
+        n = -(-(max(pos) + 1) // bs)
+        args = [torch.tensor([s.token_ids[p] for s, p in zip(seqs, pos)], device=dev), torch.tensor(pos, device=dev),
+                self.tables[:, :n].index_select(0, torch.tensor([self.rows[s][0] for s in seqs], device=dev))]
+        for a in args: torch._dynamo.maybe_mark_dynamic(a, 0)
+        torch._dynamo.maybe_mark_dynamic(args[2], 1)
+        # without duck sizing, a batch of 4 sequences is not tied to a 4-block context (which recompiles when they part)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            logits, new = self.compiled_decode(self.kv, *args)
+        slots = torch.tensor([s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)], device=dev)
+        L, _, H_kv, NB, _, D = self.kv.shape  # every layer's new K and V in one indexed store
+        self.kv.view(L, 2, H_kv, NB * bs, D).index_copy_(3, slots, new.permute(0, 1, 3, 2, 4).to(self.dtype))
+        if logits_indices is None: return logits
+        return logits.index_select(0, torch.tensor(logits_indices, dtype=torch.long, device=dev))
+
+    @torch.no_grad()
+    def forward(self,
+                seqs:list, # the sequences of this step (Sequence: token_ids, num_computed_tokens, block_table)
+                num_new_tokens:list, # tokens of each to compute: its next num_new_tokens[i] tokens, already in token_ids
+                logits_indices:list|None=None, # flat positions (in sequence order) whose logits to return; None = all
+               ) -> torch.Tensor: # [len(logits_indices) or sum(num_new_tokens), V] float32 logits
+        "Append the KV of each sequence's new tokens to the paged cache; return the logits of the new positions."
+        if self.compiled_decode is not None and len(seqs) > 1 and all(n == 1 for n in num_new_tokens):
+            if -(-max(s.num_computed_tokens + 1 for s in seqs) // self.block_size) > 1:
+                return self._forward_decode_compiled(seqs, logits_indices)
+        ids, pos, slots, groups, starts = self._plan(seqs, num_new_tokens)
+        H, D = self.H, self.D
+
+        def attend(i, q, k, v):  # write layer i's new K/V, then attend group by group
             k_cache, v_cache = self.kv[i, 0], self.kv[i, 1]  # [H_kv, num_blocks, block_size, D]
-            k_cache.view(H_kv, -1, D).index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
-            v_cache.view(H_kv, -1, D).index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
-            o = q.new_empty(N, H, D) if len(groups) > 1 else None
+            k_cache.view(self.H_kv, -1, D).index_copy_(1, slots, k.transpose(0, 1).to(self.dtype))
+            v_cache.view(self.H_kv, -1, D).index_copy_(1, slots, v.transpose(0, 1).to(self.dtype))
+            o = q.new_empty(q.shape[0], H, D) if len(groups) > 1 else None
             for g in groups:
                 qg = q[g.start:g.end]
                 if g.fresh:  # a prompt with no cached prefix: its own keys are all it sees
@@ -196,9 +258,9 @@ class ModelRunner:
                                                kv_layout="HND").reshape(-1, H, D)
                 if o is None: o = og
                 else: o[g.start:g.end] = og
-            h = h + attn.o_proj(o.reshape(N, H * D))
-            x = layer.post_attention_layernorm(h)
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            return o
+
+        h = self._layers(self.embed(ids), pos, attend)
         if logits_indices is None: logits_indices = [starts[i] + j for i, n in enumerate(num_new_tokens) for j in range(n)]
         else:  # translate sequence-order flat positions into this step's group order
             offs = [0]

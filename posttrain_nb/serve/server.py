@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastcore.basics import patch
-from fastcore.script import call_parse
+from fastcore.script import call_parse, store_true
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..core import encode_texts
@@ -539,12 +539,14 @@ def main(model:str, # a model folder, or a zoo name (teacher, base, draft)
          dtype:str=None, # weights dtype, e.g. float32 or bfloat16 (default: as stored)
          device:str=None, # cpu, cuda, mps (default: the engine's choice)
          threads:int=None, # torch CPU threads (default: torch's)
+         no_enforce_eager:store_true=False, # compile the decode step (LLM(enforce_eager=False)): faster, after a compile of tens of seconds at the first request
          log_level:str="info", # uvicorn's log level
         ):
     "Serve MODEL with an OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming)."
     import sys, torch, uvicorn
     if threads: torch.set_num_threads(threads)
-    try: llm = load_engine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype, device=device)
+    try: llm = load_engine(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype, device=device,
+                           enforce_eager=not no_enforce_eager)
     except (ValueError, FileNotFoundError) as e: print(f"posttrain-serve: {e}", file=sys.stderr); raise SystemExit(2)
     name = served_model_name or model
     server = OpenAIServer(llm, name)

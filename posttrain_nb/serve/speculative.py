@@ -434,7 +434,7 @@ class SpecDecoder:
             bm.truncate(s, n0 + n); bm.cache_blocks(s, n0)
             self.proposer.accepted(s, n0 + n, hidden[0][row + n] if hidden else None)
             self.stats.drafted.append(len(d)); self.stats.accepted.append(n)
-            self.stats.new_tokens += n + 1; self.stats.target_calls += 1  # a "call" = one sequence's verified rows
+            self.stats.target_calls += 1  # a "call" = one sequence's verified rows; the engine counts the tokens it keeps
             row += m
         return out
 
