@@ -61,3 +61,14 @@ def test_compiled_decode_does_not_recompile_per_batch_size(setup):
     before = counters["stats"]["unique_graphs"]
     llm.generate(ids, params, use_tqdm=False)  # batches 24 -> 1 and contexts up to 3 blocks: no new graph
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_compiled_decode_without_a_cpp_compiler_is_refused_by_name(setup, monkeypatch):
+    "On a CPU, torch.compile needs a C++ compiler; without one the engine says so at construction, not mid-request."
+    import shutil
+    model, tok, _, _ = setup
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        LLM(model, tok, enforce_eager=False)
+    LLM(model, tok)  # the eager engine needs none

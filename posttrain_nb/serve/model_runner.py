@@ -60,6 +60,11 @@ def _decode_attention(q, k_new, v_new, k_cache, v_cache, tables, cached, scale):
     o = (e[..., None] * V[:, :, None]).sum(-2) + e_new * v_new.transpose(0, 1)[:, :, None]
     return (o / (e.sum(-1, keepdim=True) + e_new)).permute(1, 0, 2, 3).reshape(B, H, D)
 
+def _cpp_compiler() -> str|None:
+    "The C++ compiler torch.compile would use on a CPU ($CXX, g++, c++ or clang++ on the PATH), or None."
+    import os, shutil
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+
 class _Group:
     "Sequences attended together in one step: a fresh prompt (causal SDPA, no cache read) or a bucket read through the tables."
     __slots__ = ("start", "end", "B", "Tq", "fresh", "tables", "mask")
@@ -90,6 +95,10 @@ class ModelRunner:
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
         self.attn_backend = ("triton" if self.device.type == "cuda" else "torch") if attn_backend == "auto" else attn_backend
+        if not enforce_eager and self.device.type == "cpu" and _cpp_compiler() is None:
+            raise ValueError("enforce_eager=False compiles the decode step with torch.compile, which on a CPU needs a C++ "
+                             "compiler (none of $CXX, g++, c++, clang++ is on the PATH): install one (apt install g++) "
+                             "or keep enforce_eager=True")
         with torch.no_grad():  # cos/sin of every position from the model's own rotary module: its scaling, exactly
             pos = torch.arange(max_model_len, device=self.device)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), pos)
