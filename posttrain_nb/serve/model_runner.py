@@ -207,7 +207,7 @@ class ModelRunner:
         return h
 
     def _decode_graph(self, kv, ids, pos, tables):
-        "A decode step (one new token per sequence) as one pure graph for torch.compile: (logits, new K, new V per layer)."
+        "A decode step (one new token per sequence) as one pure graph for torch.compile: (logits, every layer's new K/V stacked)."
         cached = torch.arange(tables.shape[1] * self.block_size, device=ids.device)[None] < pos[:, None]
         new = []
         def attend(i, q, k, v):
