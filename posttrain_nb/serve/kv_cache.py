@@ -139,8 +139,10 @@ class BlockManager:
         "Register the full blocks among the first `num_tokens` tokens in the prefix cache (vLLM caches a block once computed)."
         if not self.enable_prefix_caching: return
         bs, j = self.block_size, seq.num_hashed_blocks
+        end = min(num_tokens // bs, len(seq.block_table))
+        if j >= end: return  # no block filled up since the last call (most steps)
         h = None if j == 0 else self.blocks[seq.block_table[j - 1]].block_hash or self._hash_upto(seq.token_ids, j)
-        for j in range(j, min(num_tokens // bs, len(seq.block_table))):
+        for j in range(j, end):
             toks = seq.token_ids[j * bs:(j + 1) * bs]
             h = chain_hash(h, toks)
             if self.blocks[seq.block_table[j]].block_hash is None: self._register(seq.block_table[j], h, toks)
@@ -149,12 +151,17 @@ class BlockManager:
     def can_grow(self, seq, num_tokens:int, # tokens the table must hold
                 ) -> bool:
         "Whether `grow(seq, num_tokens)` finds enough free blocks (new ones and copy-on-write copies)."
-        return self._grow_cost(seq, num_tokens) <= self.num_free_blocks
+        return self.grow_cost(seq, num_tokens) <= self.num_free_blocks
 
-    def _grow_cost(self, seq, num_tokens):
-        nb = len(seq.block_table)
-        shared = sum(self.blocks[seq.block_table[j]].ref_count > 1 for j in self._written(seq, num_tokens) if j < nb)
-        return max(0, self.blocks_needed(num_tokens) - nb) + shared
+    def grow_cost(self, seq, num_tokens:int, # tokens the table must hold
+                 ) -> int: # free blocks `grow` would take; 0 means it has nothing to do
+        "New tail blocks plus private copies of shared blocks that `grow(seq, num_tokens)` needs (it runs once per sequence per step: kept cheap)."
+        bt, bs = seq.block_table, self.block_size
+        nb, hi = len(bt), -(-num_tokens // bs)
+        cost = hi - nb if hi > nb else 0
+        for j in range(getattr(seq, "num_computed_tokens", num_tokens - 1) // bs, min(hi, nb)):
+            if self.blocks[bt[j]].ref_count > 1: cost += 1
+        return cost
 
     def _written(self, seq, num_tokens):
         "Indices of the table entries that tokens [num_computed_tokens, num_tokens) are written into."

@@ -43,12 +43,13 @@ class Scheduler:
             seq = self.running.popleft()
             n = min(seq.num_new_tokens, budget)
             if n == 0: kept.append(seq); continue  # the budget is spent: it waits for the next step, keeping its blocks
-            while not self.bm.can_grow(seq, seq.num_computed_tokens + n):
+            t = seq.num_computed_tokens + n
+            while (cost := self.bm.grow_cost(seq, t)) > self.bm.num_free_blocks:
                 victim = self.running.pop() if self.running else seq  # recompute the newest one later
                 self.preempt(victim); out.preempted.append(victim)
                 if victim is seq: break
             if seq.status != SequenceStatus.RUNNING: continue
-            out.block_copies += self.bm.grow(seq, seq.num_computed_tokens + n)
+            if cost: out.block_copies += self.bm.grow(seq, t)  # most decode tokens land in a block the sequence owns
             out.seqs.append(seq); out.num_new_tokens.append(n); kept.append(seq)
             budget -= n
         self.running = kept
