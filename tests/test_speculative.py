@@ -348,3 +348,23 @@ def test_engine_tokens_per_step_counts_only_kept_tokens(zoo_pair):
     assert any(o.outputs[0].finish_reason == "stop" for o in outs)  # eos cut some requests short: the test bites
     # each request's first token comes from its prefill step; every later one from a speculative step
     assert llm.spec.stats.new_tokens == sum(len(o.outputs[0].token_ids) - 1 for o in outs)
+
+
+def test_engine_speculation_pauses_above_the_batch_size_threshold(pair):
+    """speculative_disable_by_batch_size (vLLM 0.x's switch): steps with more running sequences than the threshold decode
+    without drafts; once requests finish and the batch is small enough, speculation resumes, the draft first catching up
+    on the tokens it did not see. Greedy output stays identical to the engine without a draft."""
+    target, draft = pair
+    prompts, lens = random_requests(12, 7)
+    ps = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens]
+    base = toks(LLM(target, block_size=4, num_gpu_blocks=160).generate(prompts, ps, use_tqdm=False))
+    llm = LLM(target, block_size=4, num_gpu_blocks=160, speculative_model=draft, num_speculative_tokens=3,
+              speculative_disable_by_batch_size=4)
+    assert toks(llm.generate(prompts, ps, use_tqdm=False)) == base
+    assert llm.spec.num_paused_steps > 0 and sum(llm.spec.stats.drafted) > 0  # paused while 12 ran, resumed at 4 or fewer
+    assert llm.spec.proposer.bm.num_free_blocks == llm.spec.proposer.bm.num_blocks
+    never = LLM(target, block_size=4, num_gpu_blocks=160, speculative_model=draft, num_speculative_tokens=3,
+                speculative_disable_by_batch_size=100)
+    assert toks(never.generate(prompts, ps, use_tqdm=False)) == base and never.spec.num_paused_steps == 0
+    with pytest.raises(ValueError, match="speculative_disable_by_batch_size"):
+        LLM(target, speculative_model=draft, num_speculative_tokens=3, speculative_disable_by_batch_size=0)

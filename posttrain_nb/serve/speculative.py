@@ -383,12 +383,17 @@ class SpecDecoder:
                  llm, # the serve.engine.LLM whose runner and block manager verify
                  speculative_model, # a draft causal LM sharing the target's vocabulary, or Medusa heads
                  num_speculative_tokens:int, # k: drafts per sequence per step
+                 disable_by_batch_size:int|None=None, # no speculation in steps with more running sequences than this
                 ):
         if speculative_model is None:
             raise ValueError("num_speculative_tokens needs a speculative_model (a draft causal LM or MedusaHeads)")
         if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an integer >= 1 with a speculative_model, got {num_speculative_tokens!r}")
-        self.llm, self.k = llm, num_speculative_tokens
+        if disable_by_batch_size is not None and (isinstance(disable_by_batch_size, bool) or not isinstance(disable_by_batch_size, int)
+                                                  or disable_by_batch_size < 1):
+            raise ValueError(f"speculative_disable_by_batch_size must be an integer >= 1 or None, got {disable_by_batch_size!r}")
+        self.llm, self.k, self.disable_by_batch_size = llm, num_speculative_tokens, disable_by_batch_size
+        self.num_paused_steps = 0  # steps run without speculation because the batch was too large
         self.proposer = make_proposer(llm, speculative_model)
         self.stats = SpecStats(num_speculative_tokens)  # one entry per sequence and step: drafted, accepted
 
@@ -396,6 +401,9 @@ class SpecDecoder:
              out, # the scheduler's output for this step (serve.scheduler.SchedulerOutput)
             ) -> list: # the decode sequences this step speculates on, removed from `out`
         "Split a step: decode sequences with plain sampling are speculated on; prefill chunks and the rest run as usual."
+        if self.disable_by_batch_size is not None and len(self.llm.scheduler.running) > self.disable_by_batch_size:
+            self.num_paused_steps += 1  # a large batch: speculation costs more than it saves (the draft catches up later)
+            return []
         mine, keep = [], []
         for s, n in zip(out.seqs, out.num_new_tokens):
             plain = n == 1 and s.num_computed_tokens + 1 == len(s) and not s.pending_forks and speculates(s)
