@@ -162,7 +162,7 @@ class ModelRunner:
             self.free_rows.append(r[0])
 
     def _sync_tables(self, seqs):
-        "Write the table entries that changed since the last step (new blocks, copy-on-write) in one indexed store."
+        "Rewrite the rows whose block table changed since the last step (new blocks, copy-on-write, rollback) in one indexed store."
         rr, cc, vv = [], [], []
         for s in seqs:
             r = self.rows.get(s)
@@ -224,7 +224,6 @@ class ModelRunner:
                 q_pos = self._ints(ctx)[:, None] - G.Tq + torch.arange(G.Tq, device=self.device)
                 G.mask = torch.arange(n * bs, device=self.device)[None, None, :] <= q_pos[:, :, None]  # causal, within ctx
             out.append(G)
-        dev = self.device
         return self._ints(ids), self._ints(pos), self._ints(slots), out, starts
 
     def _layers(self, h, pos, attend, pieces=None):
@@ -253,7 +252,7 @@ class ModelRunner:
 
     def _forward_decode_compiled(self, seqs, logits_indices):
         "A decode step through the compiled graph: one bucket padded to the longest context, K/V read in place."
-        bs, dev, rows = self.block_size, self.device, self.rows
+        bs, rows = self.block_size, self.rows
         self._sync_tables(seqs)
         ids, pos, rix, slots = [], [], [], []
         for s in seqs:  # one pass over the batch: token, position, table row and KV slot of each new token
