@@ -82,8 +82,8 @@ def test_compiled_decode_without_a_cpp_compiler_is_refused_by_name(setup, monkey
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_released_block_table_rows_are_cleared(setup, enforce_eager):
     """A finished sequence's block-table row is zeroed when released. Decode steps pad a batch to its longest context and
-    read every table entry up to it; a reused row that kept its old owner's blocks made those padded reads go to memory
-    all over the pool (a 20-30% slower decode step on a reused engine) instead of to block 0."""
+    read every table entry up to it (masked); a reused row that kept its old owner's blocks would point those reads at
+    blocks anywhere in the pool instead of at block 0."""
     model, tok, ids, params = setup
     llm = LLM(model, tok, enforce_eager=enforce_eager, enable_prefix_caching=False)
     llm.generate(ids, params, use_tqdm=False)

@@ -157,7 +157,7 @@ class ModelRunner:
         r = self.rows.pop(seq, None)
         if r is not None:
             # zeroed, so that a batch padded to a longer context reads block 0 (cached) past this row's next owner's
-            # blocks, not the stale blocks of this sequence: those reads went to memory and cost 20-30% of a decode step
+            # blocks, not the stale blocks of this sequence, which are scattered over the pool (bench/engine/micro.py)
             self.tables[r[0]] = 0
             self.free_rows.append(r[0])
 

@@ -1,0 +1,109 @@
+"""Two measurements behind the engine's compiled decode step, each against the form it replaced, in one process.
+
+Run from the repository root:  OMP_NUM_THREADS=1 python bench/engine/micro.py [--batch 256]
+Writes bench/engine/micro.json and bench/engine/micro.png.
+
+- reuse: one compiled engine (zoo teacher) serves three batches of `--batch` requests in turn; the median decode step
+  of each batch, once as the engine is, once with released block-table rows left as they were (the old behaviour:
+  a padded batch then reads a finished sequence's stale blocks).
+- attention: the compiled decode attention at teacher sizes (4 heads over 2 KV heads of 32 dims, 6 blocks of 16),
+  blocks kept as a loop level (`_decode_attention`) against the same softmax over one flattened context; interleaved
+  repeats, the fastest kept.
+"""
+from __future__ import annotations
+import argparse, json, statistics, sys, time
+from pathlib import Path
+
+import torch
+
+from posttrain_nb import zoo
+from posttrain_nb.serve.engine import LLM, SamplingParams
+from posttrain_nb.serve.model_runner import ModelRunner, _decode_attention
+
+OUT = Path(__file__).resolve().parent
+sys.path.insert(0, str(OUT))
+from run import prompts_of  # the benchmark's task prompts
+
+
+def reuse(batch, stale_rows, steps=20):
+    "Median decode-step ms of three consecutive batches on one compiled engine."
+    model, tok = zoo.load("teacher")
+    ids = prompts_of(tok, batch)  # run.py's prompts: 2- and 3-operand problems, some with distractors (lengths vary)
+    orig = ModelRunner.release
+    if stale_rows:  # the old release(): forget the row, keep its entries
+        ModelRunner.release = lambda self, seq: (lambda r: r is not None and self.free_rows.append(r[0]))(self.rows.pop(seq, None))
+    try:
+        llm, out = LLM(model, tok, enable_prefix_caching=False, enforce_eager=False), []
+        for rep in range(3):
+            for i, x in enumerate(ids): llm.add_request(f"{rep}-{i}", {"prompt_token_ids": x}, SamplingParams(max_tokens=120, ignore_eos=True))
+            for _ in range(10): llm.step()  # the prefill and a few decode steps (compiles on the first batch)
+            ts = []
+            for _ in range(steps):
+                t = time.perf_counter(); llm._step(); ts.append(time.perf_counter() - t)
+            out.append(1e3 * statistics.median(ts))
+            llm.abort_request(list(llm.requests))
+        return out
+    finally:
+        ModelRunner.release = orig
+
+
+def flat_attention(q, k_new, v_new, k_cache, v_cache, tables, cached, scale):
+    "The previous form: the context flattened to one axis T = blocks * block_size."
+    B, H, D = q.shape
+    H_kv, T = k_cache.shape[0], tables.shape[1] * k_cache.shape[2]
+    K, V = k_cache[:, tables].reshape(H_kv, B, T, D), v_cache[:, tables].reshape(H_kv, B, T, D)
+    qg = q.view(B, H_kv, H // H_kv, D).permute(1, 0, 2, 3)
+    s = ((qg[:, :, :, None, :] * K[:, :, None]).sum(-1) * scale).masked_fill(~cached[None, :, None], float("-inf"))
+    s_new = (qg * k_new.transpose(0, 1)[:, :, None]).sum(-1, keepdim=True) * scale
+    m = torch.maximum(s.amax(-1, keepdim=True), s_new)
+    e, e_new = torch.exp(s - m), torch.exp(s_new - m)
+    o = (e[..., None] * V[:, :, None]).sum(-2) + e_new * v_new.transpose(0, 1)[:, :, None]
+    return (o / (e.sum(-1, keepdim=True) + e_new)).permute(1, 0, 2, 3).reshape(B, H, D)
+
+
+def attention(batch, rounds=15, calls=20):
+    "Fastest ms per call of each compiled form, interleaved; and their largest difference."
+    torch.manual_seed(0)
+    H, H_kv, D, NB, bs, n = 4, 2, 32, 4096, 16, 6
+    kc, vc = torch.randn(H_kv, NB, bs, D), torch.randn(H_kv, NB, bs, D)
+    tables = torch.randperm(NB)[:batch * n].view(batch, n).to(torch.int32)
+    cached = torch.arange(n * bs)[None] < torch.randint(40, n * bs, (batch,))[:, None]
+    args = (torch.randn(batch, H, D), torch.randn(batch, H_kv, D), torch.randn(batch, H_kv, D), kc, vc, tables, cached, D ** -0.5)
+    fs = {"blocks as a loop level": torch.compile(_decode_attention), "one flat context": torch.compile(flat_attention)}
+    outs = {k: f(*args) for k, f in fs.items()}
+    best = {k: float("inf") for k in fs}
+    for _ in range(rounds):
+        for k, f in fs.items():
+            t = time.perf_counter()
+            for _ in range(calls): f(*args)
+            best[k] = min(best[k], 1e3 * (time.perf_counter() - t) / calls)
+    a, b = outs.values()
+    return best, float((a - b).abs().max())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=256, help="requests per batch (reuse) and batch size (attention)")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    r = {"batch": a.batch, "threads": 1, "torch": torch.__version__}
+    r["reuse_step_ms"] = {"rows zeroed on release (the engine)": reuse(a.batch, False),
+                          "stale rows (before)": reuse(a.batch, True)}
+    r["attention_ms"], r["attention_max_abs_diff"] = attention(a.batch)
+    for k, v in r["reuse_step_ms"].items(): print(f"reuse, {k}: " + ", ".join(f"{x:.1f}" for x in v) + " ms per step (batches 1, 2, 3)")
+    for k, v in r["attention_ms"].items(): print(f"attention, {k}: {v:.3f} ms per layer call")
+    print(f"attention forms agree to {r['attention_max_abs_diff']:.1e}")
+    (OUT / "micro.json").write_text(json.dumps(r, indent=2))
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k, v in r["reuse_step_ms"].items(): axs[0].plot([1, 2, 3], v, "o-", label=k)
+    axs[0].set_xticks([1, 2, 3]); axs[0].set_xlabel("batch served by the same engine"); axs[0].set_ylabel("ms per decode step")
+    axs[0].set_ylim(bottom=0); axs[0].legend(fontsize=8); axs[0].set_title(f"reused engine, batch {a.batch}")
+    axs[1].bar(list(r["attention_ms"]), list(r["attention_ms"].values()), color=["C0", "C3"])
+    axs[1].set_ylabel("ms per layer call (fastest)"); axs[1].set_title("compiled decode attention")
+    plt.tight_layout(); plt.savefig(OUT / "micro.png", dpi=110); plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
