@@ -6,6 +6,9 @@ Writes bench/engine/micro.json and bench/engine/micro.png.
 - reuse: one compiled engine (zoo teacher) serves three batches of `--batch` requests in turn; the median decode step
   of each batch, once as the engine is, once with released block-table rows left as they were (the old behaviour:
   a padded batch then reads a finished sequence's stale blocks).
+- gemm: the products of the zoo teacher (128 wide) and of the bench's 8 x 512 model, as F.linear runs them (MKL) and
+  as oneDNN runs them on a weight packed once into its blocked layout (what vLLM's CPU backend does at load time);
+  GFLOP/s, the fastest of interleaved repeats. The engine does not pack (see bench/engine/README.md).
 - attention: the compiled decode attention at teacher sizes (4 heads over 2 KV heads of 32 dims, 6 blocks of 16),
   blocks kept as a loop level (`_decode_attention`) against the same softmax over one flattened context; interleaved
   repeats, the fastest kept.
@@ -81,6 +84,31 @@ def attention(batch, rounds=15, calls=20):
     return best, float((a - b).abs().max())
 
 
+def gemm(rounds=7, calls=5):
+    "GFLOP/s of each product [M, K] x [K, N]: F.linear (MKL) and oneDNN on a packed weight, fastest of interleaved repeats."
+    out = []
+    torch.set_grad_enabled(False)
+    for model, shapes in (("teacher", ((128, 128), (128, 256), (256, 128))), ("8x512", ((512, 512), (512, 1376), (1376, 512)))):
+        for K, N in shapes:
+            w = torch.randn(N, K) * K ** -0.5
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            for M in (64, 256, 2048):
+                x = torch.randn(M, K)
+                fs = {"MKL (F.linear)": lambda: torch.nn.functional.linear(x, w),
+                      "oneDNN packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")}
+                diff = float((fs["MKL (F.linear)"]() - fs["oneDNN packed"]()).abs().max())
+                best = {k: float("inf") for k in fs}
+                for _ in range(rounds):
+                    for k, f in fs.items():
+                        t = time.perf_counter()
+                        for _ in range(calls): f()
+                        best[k] = min(best[k], (time.perf_counter() - t) / calls)
+                out.append({"model": model, "M": M, "K": K, "N": N, "max_abs_diff": diff,
+                            **{k: 2 * M * K * N / v / 1e9 for k, v in best.items()}})
+    torch.set_grad_enabled(True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256, help="requests per batch (reuse) and batch size (attention)")
@@ -90,20 +118,35 @@ def main():
     r["reuse_step_ms"] = {"rows zeroed on release (the engine)": reuse(a.batch, False),
                           "stale rows (before)": reuse(a.batch, True)}
     r["attention_ms"], r["attention_max_abs_diff"] = attention(a.batch)
+    r["gemm_gflops"] = gemm()
     for k, v in r["reuse_step_ms"].items(): print(f"reuse, {k}: " + ", ".join(f"{x:.1f}" for x in v) + " ms per step (batches 1, 2, 3)")
     for k, v in r["attention_ms"].items(): print(f"attention, {k}: {v:.3f} ms per layer call")
     print(f"attention forms agree to {r['attention_max_abs_diff']:.1e}")
+    for g in r["gemm_gflops"]:
+        print(f"gemm {g['model']} [{g['M']}x{g['K']}]x[{g['K']}x{g['N']}]: MKL {g['MKL (F.linear)']:.0f}, "
+              f"oneDNN packed {g['oneDNN packed']:.0f} GFLOP/s (max diff {g['max_abs_diff']:.1e})")
     (OUT / "micro.json").write_text(json.dumps(r, indent=2))
+    plot(r, OUT / "micro.png")
+
+
+def plot(r, path):
+    "micro.png: the three measurements of one run (r = micro.json)."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axs = plt.subplots(1, 3, figsize=(15, 3.8))
     for k, v in r["reuse_step_ms"].items(): axs[0].plot([1, 2, 3], v, "o-", label=k)
     axs[0].set_xticks([1, 2, 3]); axs[0].set_xlabel("batch served by the same engine"); axs[0].set_ylabel("ms per decode step")
-    axs[0].set_ylim(bottom=0); axs[0].legend(fontsize=8); axs[0].set_title(f"reused engine, batch {a.batch}")
+    axs[0].set_ylim(bottom=0); axs[0].legend(fontsize=8); axs[0].set_title(f"reused engine, batch {r['batch']}")
     axs[1].bar(list(r["attention_ms"]), list(r["attention_ms"].values()), color=["C0", "C3"])
     axs[1].set_ylabel("ms per layer call (fastest)"); axs[1].set_title("compiled decode attention")
-    plt.tight_layout(); plt.savefig(OUT / "micro.png", dpi=110); plt.close(fig)
-
+    shapes = sorted({(g["model"], g["K"], g["N"]) for g in r["gemm_gflops"]}, key=lambda t: (t[0] != "teacher", t[1], t[2]))
+    for i, (model, K, N) in enumerate(shapes):
+        gs = sorted((g for g in r["gemm_gflops"] if (g["model"], g["K"], g["N"]) == (model, K, N)), key=lambda g: g["M"])
+        axs[2].plot([g["M"] for g in gs], [g["oneDNN packed"] / g["MKL (F.linear)"] for g in gs], "o-" if model != "teacher" else "s--",
+                    color=f"C{i}", label=f"{model} {K}->{N}")
+    axs[2].axhline(1, color="gray", lw=0.8); axs[2].set_xscale("log", base=2); axs[2].set_xlabel("rows M (tokens in the step)")
+    axs[2].set_ylabel("oneDNN packed / MKL throughput"); axs[2].set_title("linear layers, 1 thread"); axs[2].legend(fontsize=7, ncol=2)
+    plt.tight_layout(); plt.savefig(path, dpi=110); plt.close(fig)
 
 if __name__ == "__main__":
     main()
