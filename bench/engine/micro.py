@@ -1,4 +1,4 @@
-"""Two measurements behind the engine's compiled decode step, each against the form it replaced, in one process.
+"""Three measurements behind the engine's compiled steps, each against the alternative, in one process.
 
 Run from the repository root:  OMP_NUM_THREADS=1 python bench/engine/micro.py [--batch 256]
 Writes bench/engine/micro.json and bench/engine/micro.png.
@@ -18,6 +18,7 @@ import argparse, json, statistics, sys, time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from posttrain_nb import zoo
 from posttrain_nb.serve.engine import LLM, SamplingParams
@@ -84,28 +85,29 @@ def attention(batch, rounds=15, calls=20):
     return best, float((a - b).abs().max())
 
 
+@torch.no_grad()
 def gemm(rounds=7, calls=5):
     "GFLOP/s of each product [M, K] x [K, N]: F.linear (MKL) and oneDNN on a packed weight, fastest of interleaved repeats."
     out = []
-    torch.set_grad_enabled(False)
-    for model, shapes in (("teacher", ((128, 128), (128, 256), (256, 128))), ("8x512", ((512, 512), (512, 1376), (1376, 512)))):
-        for K, N in shapes:
-            w = torch.randn(N, K) * K ** -0.5
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            for M in (64, 256, 2048):
-                x = torch.randn(M, K)
-                fs = {"MKL (F.linear)": lambda: torch.nn.functional.linear(x, w),
-                      "oneDNN packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")}
-                diff = float((fs["MKL (F.linear)"]() - fs["oneDNN packed"]()).abs().max())
-                best = {k: float("inf") for k in fs}
-                for _ in range(rounds):
-                    for k, f in fs.items():
-                        t = time.perf_counter()
-                        for _ in range(calls): f()
-                        best[k] = min(best[k], (time.perf_counter() - t) / calls)
-                out.append({"model": model, "M": M, "K": K, "N": N, "max_abs_diff": diff,
-                            **{k: 2 * M * K * N / v / 1e9 for k, v in best.items()}})
-    torch.set_grad_enabled(True)
+    shapes = ([("teacher", KN) for KN in ((128, 128), (128, 256), (256, 128))]
+              + [("8x512", KN) for KN in ((512, 512), (512, 1376), (1376, 512))])
+    for model, (K, N) in tqdm(shapes, desc="gemm shapes"):
+        w = torch.randn(N, K) * K ** -0.5
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        for M in (64, 256, 2048):
+            x = torch.randn(M, K)
+            fs = {"MKL (F.linear)": lambda: torch.nn.functional.linear(x, w),
+                  "oneDNN packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")}
+            diff = float((fs["MKL (F.linear)"]() - fs["oneDNN packed"]()).abs().max())
+            if diff > 1e-4: raise RuntimeError(f"oneDNN and MKL disagree by {diff:.1e} on [{M}x{K}]x[{K}x{N}]")
+            best = {k: float("inf") for k in fs}
+            for _ in range(rounds):
+                for k, f in fs.items():
+                    t = time.perf_counter()
+                    for _ in range(calls): f()
+                    best[k] = min(best[k], (time.perf_counter() - t) / calls)
+            out.append({"model": model, "M": M, "K": K, "N": N, "max_abs_diff": diff,
+                        **{k: 2 * M * K * N / v / 1e9 for k, v in best.items()}})
     return out
 
 
@@ -115,8 +117,10 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     r = {"batch": a.batch, "threads": 1, "torch": torch.__version__}
+    print("reuse: three batches on one compiled engine, twice (about 20 s)", flush=True)
     r["reuse_step_ms"] = {"rows zeroed on release (the engine)": reuse(a.batch, False),
                           "stale rows (before)": reuse(a.batch, True)}
+    print("attention: two compiled forms, interleaved", flush=True)
     r["attention_ms"], r["attention_max_abs_diff"] = attention(a.batch)
     r["gemm_gflops"] = gemm()
     for k, v in r["reuse_step_ms"].items(): print(f"reuse, {k}: " + ", ".join(f"{x:.1f}" for x in v) + " ms per step (batches 1, 2, 3)")
@@ -147,6 +151,7 @@ def plot(r, path):
     axs[2].axhline(1, color="gray", lw=0.8); axs[2].set_xscale("log", base=2); axs[2].set_xlabel("rows M (tokens in the step)")
     axs[2].set_ylabel("oneDNN packed / MKL throughput"); axs[2].set_title("linear layers, 1 thread"); axs[2].legend(fontsize=7, ncol=2)
     plt.tight_layout(); plt.savefig(path, dpi=110); plt.close(fig)
+
 
 if __name__ == "__main__":
     main()
