@@ -88,3 +88,25 @@ def test_released_block_table_rows_are_cleared(setup, enforce_eager):
     llm = LLM(model, tok, enforce_eager=enforce_eager, enable_prefix_caching=False)
     llm.generate(ids, params, use_tqdm=False)
     assert llm.runner.rows == {} and not llm.runner.tables.any()
+
+
+def test_c_kernel_serves_the_torch_paths_tokens_eager_and_compiled(setup, monkeypatch, tiny_llama):
+    """On a Linux CPU with AVX-512 the engine's decode attention is the C kernel (serve.kernels.paged_decode_cpu), in
+    eager steps and inside the compiled decode graph. Both must give the torch path's greedy tokens, and the kernel
+    must really be what ran."""
+    from posttrain_nb.serve import kernels
+    model, tok, ids, params = setup
+    if kernels.cpu_kernel() is None: pytest.skip("the C kernel cannot run on this machine (needs Linux, AVX-512, a C compiler)")
+    ref = _tokens(LLM(model, tok, attn_backend="torch", enable_prefix_caching=False), ids, params)
+    fn, calls = kernels.cpu_kernel(), []
+    monkeypatch.setitem(kernels._CPU_KERNEL, "fn", lambda *a: calls.append(a[8]) or fn(*a))  # a[8] = batch size
+    for kw in ({}, {"enforce_eager": False}):
+        calls.clear()
+        llm = LLM(model, tok, enable_prefix_caching=False, **kw)
+        assert llm.runner.attn_backend == "cpu"
+        assert _tokens(llm, ids, params) == ref
+        assert len(calls) > 100, (kw, len(calls))  # every layer of every decode step
+        if kw: assert max(calls) == len(ids)  # the compiled graph attends the whole batch in one call (eager: per bucket)
+    with pytest.raises(ValueError, match="head dim must be 16, 32, 64 or 128"):  # head dim 8: refused by name, not run
+        LLM(tiny_llama(tok), tok, attn_backend="cpu")
+    assert LLM(tiny_llama(tok), tok).runner.attn_backend == "torch"  # 'auto' falls back

@@ -102,7 +102,7 @@ class LLM:
                  max_num_batched_tokens:int=2048, # most tokens computed in one step (long prompts are chunked)
                  enable_prefix_caching:bool=True, # reuse the KV of full prompt blocks seen before
                  seed:int=0, # seeds requests whose SamplingParams have no seed
-                 attn_backend:str="auto", # decode attention: 'auto', 'torch' or 'triton'
+                 attn_backend:str="auto", # decode attention: 'auto', 'cpu' (the C kernel), 'torch' or 'triton'
                  enforce_eager:bool=True, # False: decode steps run as one torch.compile'd graph (vLLM defaults to False; a CPU compile takes ~15-60 s)
                  download:bool=False, # when `model` is a Hub repo id not on disk, fetch it (off: nothing touches the network)
                 ):
@@ -164,11 +164,14 @@ class LLM:
         if isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__len__"):
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if len(prompt) == 0: raise ValueError("empty prompt; give at least one token")
-        bad = next((t for t in prompt if not _is_int(t)), None)
-        if bad is not None: raise ValueError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
-        out = next((int(t) for t in prompt if not 0 <= t < self.vocab_size), None)
-        if out is not None: raise ValueError(f"token id {out} is outside the model's vocabulary [0, {self.vocab_size})")
-        return None, [int(t) for t in prompt]
+        if not all(type(t) is int for t in prompt):  # plain ints (the usual case) pass in one quick sweep
+            bad = next((t for t in prompt if not _is_int(t)), None)
+            if bad is not None: raise ValueError(f"token ids must be integers, got {bad!r} ({type(bad).__name__})")
+            prompt = [int(t) for t in prompt]  # numpy / torch integers
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            out = next(t for t in prompt if not 0 <= t < self.vocab_size)
+            raise ValueError(f"token id {out} is outside the model's vocabulary [0, {self.vocab_size})")
+        return None, list(prompt)
 
     def add_request(self,
                     request_id:str, # the caller's id, unique among unfinished requests

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/44_paged_attention.ipynb #578121db
 from __future__ import annotations
-import math
+import ctypes, math, os, shutil, subprocess, sys, tempfile, warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,9 @@ except ImportError:
     HAS_TRITON = False
 
 # %% auto #0
-__all__ = ['KV_LAYOUTS', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_torch', 'paged_prefill_attention',
-           'paged_attention_group', 'paged_attention_triton', 'paged_attention']
+__all__ = ['KV_LAYOUTS', 'PAGED_DECODE_C', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_torch',
+           'paged_prefill_attention', 'paged_attention_group', 'paged_attention_triton', 'cpp_compiler', 'cpu_kernel',
+           'cpu_kernel_supports', 'paged_decode_cpu', 'paged_attention']
 
 # %% ../../nbs/44_paged_attention.ipynb #65b42345
 KV_LAYOUTS = ("NHD", "HND")
@@ -202,6 +204,153 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scal
                                  BLOCK_D=triton.next_power_of_2(D))
     return out
 
+# %% ../../nbs/44_paged_attention.ipynb #6d156b44
+PAGED_DECODE_C = r"""
+#include <math.h>
+#include <stdint.h>
+#include <immintrin.h>
+// 16 dot products -> one vector: lane t = sum of the 16 lanes of v[t] (a transpose-and-add tree, 45 instructions)
+static inline __m512 hsum16(const __m512* v) {
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; i++) a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2*i], v[2*i+1]), _mm512_unpackhi_ps(v[2*i], v[2*i+1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d x = _mm512_castps_pd(a[2*i]), y = _mm512_castps_pd(a[2*i+1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+// e^x for x <= 0 (a score minus the running max): x = n ln2 + r, a degree-7 polynomial in r, times 2^n; e^-inf = 0
+static inline __m512 vexp(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
+    const float c[8] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+// One query head over its sequence's blocks (16 tokens, D = 16 * NV floats per token, layout 'HND'), online softmax;
+// kn/vn: one more token not yet in the cache (or NULL). NV is a constant at each call, so q and acc live in registers.
+static inline __attribute__((always_inline)) void head(const float* qh, const float* kc, const float* vc, const int32_t* tb,
+        int64_t c, int64_t hoff, const float* kn, const float* vn, float* o, float scale, const int NV) {
+    __m512 q[8], acc[8], dots[16];
+    float m = -INFINITY, l = 0.f, p[16] __attribute__((aligned(64)));
+    for (int j = 0; j < NV; j++) { q[j] = _mm512_mul_ps(_mm512_loadu_ps(qh + 16 * j), _mm512_set1_ps(scale)); acc[j] = _mm512_setzero_ps(); }
+    for (int64_t blk = 0; blk < (c + 15) / 16; blk++) {
+        const float *K = kc + (hoff + tb[blk]) * 256 * NV, *V = vc + (hoff + tb[blk]) * 256 * NV;
+        const int nt = c - blk * 16 < 16 ? (int)(c - blk * 16) : 16;
+        if (blk + 1 < (c + 15) / 16) {  // fetch the next block while this one is computed (it is anywhere in the pool)
+            const char *Kn = (const char*)(kc + (hoff + tb[blk + 1]) * 256 * NV), *Vn = (const char*)(vc + (hoff + tb[blk + 1]) * 256 * NV);
+            for (int x = 0; x < 1024 * NV; x += 64) { __builtin_prefetch(Kn + x); __builtin_prefetch(Vn + x); }
+        }
+        for (int t = 0; t < 16; t++) {
+            dots[t] = _mm512_mul_ps(q[0], _mm512_loadu_ps(K + t * 16 * NV));
+            for (int j = 1; j < NV; j++) dots[t] = _mm512_fmadd_ps(q[j], _mm512_loadu_ps(K + t * 16 * NV + 16 * j), dots[t]);
+        }
+        __m512 s = _mm512_mask_blend_ps((__mmask16)((1u << nt) - 1), _mm512_set1_ps(-INFINITY), hsum16(dots));
+        const float mb = fmaxf(m, _mm512_reduce_max_ps(s)), corr = expf(m - mb);
+        __m512 pv = vexp(_mm512_sub_ps(s, _mm512_set1_ps(mb)));
+        l = l * corr + _mm512_reduce_add_ps(pv); m = mb;
+        _mm512_store_ps(p, pv);
+        for (int j = 0; j < NV; j++) acc[j] = _mm512_mul_ps(acc[j], _mm512_set1_ps(corr));
+        for (int t = 0; t < nt; t++)
+            for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(V + t * 16 * NV + 16 * j), acc[j]);
+    }
+    if (kn) {
+        __m512 d = _mm512_mul_ps(q[0], _mm512_loadu_ps(kn));
+        for (int j = 1; j < NV; j++) d = _mm512_fmadd_ps(q[j], _mm512_loadu_ps(kn + 16 * j), d);
+        const float sn = _mm512_reduce_add_ps(d), mb = fmaxf(m, sn), corr = expf(m - mb), pn = expf(sn - mb);
+        l = l * corr + pn;
+        for (int j = 0; j < NV; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(pn), _mm512_loadu_ps(vn + 16 * j), _mm512_mul_ps(acc[j], _mm512_set1_ps(corr)));
+    }
+    for (int j = 0; j < NV; j++) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / l)));
+}
+// Returns 0, or 1 if a block the kernel would read lies outside the pool / past the table (nothing is read then).
+int paged_decode(const float* q, const float* kc, const float* vc, const int32_t* tables, const int32_t* ctx,
+                 const float* k_new, const float* v_new, float* out, int64_t B, int64_t H, int64_t H_kv, int64_t D,
+                 int64_t NB, int64_t n_tab, float scale, int nthreads) {
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t nblk = ((int64_t)ctx[b] + 15) / 16;
+        if (ctx[b] < 0 || nblk > n_tab || (ctx[b] == 0 && !k_new)) return 1;
+        for (int64_t j = 0; j < nblk; j++) if (tables[b * n_tab + j] < 0 || tables[b * n_tab + j] >= NB) return 1;
+    }
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < B; b++) for (int64_t h = 0; h < H; h++) {
+        const int64_t g = h / (H / H_kv), i = b * H + h, ik = b * H_kv + g;
+        const float *kn = k_new ? k_new + ik * D : 0, *vn = v_new ? v_new + ik * D : 0;
+        switch (D) {
+            case 16: head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, 1); break;
+            case 32: head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, 2); break;
+            case 64: head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, 4); break;
+            default: head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, 8); break;
+        }
+    }
+    return 0;
+}
+"""
+
+# %% ../../nbs/44_paged_attention.ipynb #394efcc7
+def cpp_compiler() -> str|None:
+    "The C/C++ compiler torch.compile would use on a CPU ($CXX, g++, c++ or clang++ on the PATH), or None."
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+
+_CPU_KERNEL = {}  # the compiled kernel (a ctypes function) once loaded, or None where it cannot run
+
+def cpu_kernel():
+    "The C decode kernel, compiled at first use in this process (under a second), or None: no AVX-512, no compiler, or not Linux."
+    if "fn" not in _CPU_KERNEL:
+        _CPU_KERNEL["fn"], cc = None, cpp_compiler()
+        if cc and sys.platform.startswith("linux") and torch.backends.cpu.get_cpu_capability() == "AVX512":
+            with tempfile.TemporaryDirectory(prefix="posttrain_nb_") as d:  # -march=native: built for this machine only
+                src, lib = Path(d) / "paged_decode.c", Path(d) / "paged_decode.so"
+                src.write_text(PAGED_DECODE_C)
+                r = subprocess.run([cc, "-x", "c", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                                   capture_output=True, text=True)
+                if r.returncode: warnings.warn(f"the C paged-attention kernel did not compile, so the torch path runs instead:\n{r.stderr[-500:]}")
+                else:  # a loaded library stays mapped after its file is removed
+                    fn = ctypes.CDLL(str(lib)).paged_decode
+                    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+                    _CPU_KERNEL["fn"] = fn
+    return _CPU_KERNEL["fn"]
+
+def cpu_kernel_supports(q:torch.Tensor, # [B, H, D] queries
+                        kv_layout:str="HND", # the cache layout
+                       ) -> str|None: # None if the C kernel can run these inputs, else why not
+    "Why the C kernel cannot serve these inputs (it reads fp32 'HND' caches with head dim 16, 32, 64 or 128 on a CPU), or None."
+    if q.device.type != "cpu" or q.dtype != torch.float32: return f"it runs float32 tensors on a CPU, got {q.dtype} on {q.device}"
+    if kv_layout != "HND": return f"it reads the 'HND' layout, got {kv_layout!r}"
+    if q.shape[-1] not in (16, 32, 64, 128): return f"head dim must be 16, 32, 64 or 128, got {q.shape[-1]}"
+    if cpu_kernel() is None: return "it needs Linux on an AVX-512 CPU and a C compiler"
+    return None
+
+@torch.library.custom_op("posttrain_nb::paged_decode_cpu", mutates_args=())
+def paged_decode_cpu(q:torch.Tensor, # [B, H, D] float32, one query per sequence
+                     k_cache:torch.Tensor, # [H_kv, num_blocks, 16, D] float32, contiguous ('HND', block size 16)
+                     v_cache:torch.Tensor, # same as k_cache
+                     block_tables:torch.Tensor, # [B, n] int32
+                     context_lens:torch.Tensor, # [B] int32 cached tokens to attend to per sequence
+                     scale:float, # softmax scale
+                     k_new:torch.Tensor|None=None, # [B, H_kv, D]: one more key per sequence, not in the cache yet (or None)
+                     v_new:torch.Tensor|None=None, # [B, H_kv, D]: its value
+                    ) -> torch.Tensor: # [B, H, D]
+    "The C kernel as a torch op, so that a torch.compile'd graph calls it in place (inputs checked by the caller: `paged_attention`)."
+    if k_cache.shape[2] != 16 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"the C kernel reads contiguous 'HND' caches with 16-token blocks, got shape {tuple(k_cache.shape)}")
+    q, bt, cl = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+    kn, vn = (None, None) if k_new is None else (k_new.contiguous(), v_new.contiguous())
+    out, (H_kv, NB, _, D) = torch.empty_like(q), k_cache.shape
+    rc = cpu_kernel()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(), cl.data_ptr(),
+                      None if kn is None else kn.data_ptr(), None if vn is None else vn.data_ptr(), out.data_ptr(),
+                      q.shape[0], q.shape[1], H_kv, D, NB, bt.shape[1], float(scale), torch.get_num_threads())
+    if rc: raise ValueError("the C kernel refused: a block it would read is outside the pool or past the table row "
+                            "(or a context is empty); nothing was read. Check block_tables and context_lens")
+    return out
+
+@paged_decode_cpu.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, k_new=None, v_new=None): return torch.empty_like(q)
+
 # %% ../../nbs/44_paged_attention.ipynb #985a9522
 def paged_attention(q:torch.Tensor, # [B, H, D] one query token per sequence
                     k_cache:torch.Tensor, # [num_blocks, block_size, H_kv, D] ('NHD') or [H_kv, num_blocks, block_size, D] ('HND')
@@ -209,7 +358,7 @@ def paged_attention(q:torch.Tensor, # [B, H, D] one query token per sequence
                     block_tables:torch.Tensor, # [B, max_blocks] int32; entry j of row s = physical block of tokens j*b..j*b+b-1
                     context_lens:torch.Tensor, # [B] int32, tokens of context per sequence (>= 1)
                     scale:float|None=None, # softmax scale; None for head_dim ** -0.5
-                    backend:str="auto", # 'auto', 'triton' or 'torch'
+                    backend:str="auto", # 'auto', 'triton', 'cpu' (the C kernel) or 'torch'
                     kv_layout:str="NHD", # cache layout, 'NHD' (vLLM) or 'HND' (KV-head major)
                     validate:bool=True, # check that every table entry a sequence reads is a block of the pool
                    ) -> torch.Tensor: # [B, H, D] attention output
@@ -217,8 +366,13 @@ def paged_attention(q:torch.Tensor, # [B, H, D] one query token per sequence
     if scale is None: scale = q.shape[-1] ** -0.5
     _check_paged_args(q, k_cache, v_cache, block_tables, context_lens, scale, kv_layout)
     if validate: check_block_tables(block_tables, context_lens, *cache_dims(k_cache, kv_layout)[:2])
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto": backend = "triton" if (HAS_TRITON and q.is_cuda) else "torch"
+    if backend not in ("auto", "triton", "cpu", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'torch', got {backend!r}")
+    bs = cache_dims(k_cache, kv_layout)[1]
+    why_not_c = cpu_kernel_supports(q, kv_layout) or (f"it reads 16-token blocks, got {bs}" if bs != 16 else None)
+    if backend == "auto": backend = "triton" if (HAS_TRITON and q.is_cuda) else "torch" if why_not_c else "cpu"
+    if backend == "cpu":
+        if why_not_c: raise ValueError(f"backend='cpu' (the C kernel) cannot run this: {why_not_c}; use backend='torch'")
+        return paged_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, float(scale))
     fn = paged_attention_triton if backend == "triton" else paged_attention_torch
     return fn(q, k_cache, v_cache, block_tables, context_lens, float(scale), kv_layout)

@@ -9,7 +9,7 @@ import array, bisect, math
 import torch
 import torch.nn.functional as F
 
-from .kernels import paged_attention_group, paged_attention
+from .kernels import cpp_compiler, cpu_kernel_supports, paged_attention_group, paged_attention, paged_decode_cpu
 
 # %% auto #0
 __all__ = ['SUPPORTED_ARCHITECTURES', 'SUPPORTED_ROPE_TYPES', 'check_model_config', 'ModelRunner']
@@ -48,7 +48,7 @@ def _decode_attention(q, k_new, v_new, k_cache, v_cache, tables, cached, scale):
     torch.compile reads K/V through the block table inside its loops: no gathered copy is materialized, and the cache
     is only read (the new K/V are written after the graph). q [B, H, D]; k_new, v_new [B, H_kv, D]; caches 'HND';
     tables [B, n]; cached [B, n * block_size] True on the context's tokens before the new one. Run eagerly it is
-    slower than `paged_attention_group`; it exists for the compiled graph."""
+    slower than `paged_attention_group`; the compiled graph uses it where the C kernel cannot run."""
     B, H, D = q.shape
     H_kv, n, bs = k_cache.shape[0], tables.shape[1], k_cache.shape[2]
     K, V = k_cache[:, tables], v_cache[:, tables]  # [H_kv, B, n, bs, D]: a view the compiled loops index, never copied
@@ -62,11 +62,6 @@ def _decode_attention(q, k_new, v_new, k_cache, v_cache, tables, cached, scale):
     e, e_new = torch.exp(s - m[..., None]), torch.exp(s_new - m)
     o = (e[..., None] * V[:, :, None]).sum((-3, -2)) + e_new * v_new.transpose(0, 1)[:, :, None]
     return (o / (e.sum((-2, -1))[..., None] + e_new)).permute(1, 0, 2, 3).reshape(B, H, D)
-
-def _cpp_compiler() -> str|None:
-    "The C++ compiler torch.compile would use on a CPU ($CXX, g++, c++ or clang++ on the PATH), or None."
-    import os, shutil
-    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
 
 def _rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
@@ -88,7 +83,7 @@ def _attn_out(layer, h, o):
 
 class _Group:
     "Sequences attended together in one step: fresh prompts (causal SDPA, no cache read) or a bucket read through the tables."
-    __slots__ = ("start", "end", "B", "Tq", "fresh", "tables", "mask", "pad", "keep")
+    __slots__ = ("start", "end", "B", "Tq", "fresh", "tables", "mask", "ctx", "pad", "keep")
 
 class ModelRunner:
     "Runs the layers on the new tokens of a step (ragged: no padding), reading and writing the paged KV cache."
@@ -97,14 +92,15 @@ class ModelRunner:
                  num_blocks:int, # KV blocks in the pool
                  block_size:int, # tokens per block
                  max_model_len:int, # longest sequence served (RoPE table, block-table width)
-                 attn_backend:str="auto", # decode attention: 'auto' (Triton on CUDA, torch otherwise), 'torch', 'triton'
+                 attn_backend:str="auto", # decode attention: 'auto' (Triton on CUDA, the C kernel on a CPU where it runs, else torch), 'cpu', 'torch', 'triton'
                  enforce_eager:bool=True, # False: run pure decode steps as one torch.compile'd graph (compiles on first use)
                 ):
         cfg = model.config
         if hasattr(model, "peft_config"):
             raise ValueError("the engine serves plain Hugging Face models; call model.merge_and_unload() on a PEFT model")
         check_model_config(cfg, max_model_len)
-        if attn_backend not in ("auto", "torch", "triton"): raise ValueError(f"attn_backend must be 'auto', 'torch' or 'triton', got {attn_backend!r}")
+        if attn_backend not in ("auto", "cpu", "torch", "triton"):
+            raise ValueError(f"attn_backend must be 'auto', 'cpu', 'torch' or 'triton', got {attn_backend!r}")
         self.model = model.eval()
         inner = model.model
         self.embed, self.layers, self.norm, self.lm_head = inner.embed_tokens, inner.layers, inner.norm, model.lm_head
@@ -115,8 +111,11 @@ class ModelRunner:
         self.scale = float(getattr(attn0, "scaling", self.D ** -0.5))
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.attn_backend = ("triton" if self.device.type == "cuda" else "torch") if attn_backend == "auto" else attn_backend
-        if not enforce_eager and self.device.type == "cpu" and _cpp_compiler() is None:
+        probe = torch.empty(1, self.H, self.D, dtype=self.dtype, device=self.device)
+        why_not_c = cpu_kernel_supports(probe) or (f"it reads 16-token blocks, got {block_size}" if block_size != 16 else None)
+        if attn_backend == "cpu" and why_not_c: raise ValueError(f"attn_backend='cpu' (the C kernel) cannot serve this model: {why_not_c}")
+        self.attn_backend = attn_backend if attn_backend != "auto" else "triton" if self.device.type == "cuda" else "torch" if why_not_c else "cpu"
+        if not enforce_eager and self.device.type == "cpu" and cpp_compiler() is None:
             raise ValueError("enforce_eager=False compiles the decode step with torch.compile, which on a CPU needs a C++ "
                              "compiler (none of $CXX, g++, c++, clang++ is on the PATH): install one (apt install g++) "
                              "or keep enforce_eager=True")
@@ -223,6 +222,7 @@ class ModelRunner:
                 G.tables = self.tables.index_select(0, rows)[:, :n]
                 q_pos = self._ints(ctx)[:, None] - G.Tq + torch.arange(G.Tq, device=self.device)
                 G.mask = torch.arange(n * bs, device=self.device)[None, None, :] <= q_pos[:, :, None]  # causal, within ctx
+                G.ctx = self._ints(ctx).to(torch.int32)
             out.append(G)
         return self._ints(ids), self._ints(pos), self._ints(slots), out, starts
 
@@ -243,9 +243,11 @@ class ModelRunner:
     def _decode_graph(self, kv, ids, pos, tables):
         "A decode step (one new token per sequence) as one pure graph for torch.compile: (logits, every layer's new K/V stacked)."
         cached = torch.arange(tables.shape[1] * self.block_size, device=ids.device)[None] < pos[:, None]
-        new = []
+        new, ctx = [], pos.to(torch.int32)  # tokens already cached = the new token's position
         def attend(i, q, k, v):
             new.append(torch.stack([k, v]).transpose(1, 2))  # the cache's head-major order
+            if self.attn_backend == "cpu":  # the C kernel, called in place from the graph (a torch.library op)
+                return paged_decode_cpu(q, kv[i, 0], kv[i, 1], tables, ctx, self.scale, k, v)
             return _decode_attention(q, k, v, kv[i, 0], kv[i, 1], tables, cached, self.scale)
         logits = self.lm_head(self.norm(self._layers(self.embed(ids), pos, attend))).float()
         return logits, torch.stack(new)  # [n_layers, 2, H_kv, B, D]
@@ -298,9 +300,11 @@ class ModelRunner:
                     qp, kp, vp = (x[g.pad].view(g.B, g.Tq, -1, D).transpose(1, 2) for x in (q, k, v))
                     og = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
                     og = og.transpose(1, 2).reshape(-1, H, D)[g.keep]
+                elif g.Tq == 1 and self.attn_backend == "cpu":  # the C kernel reads the blocks in place (and checks them)
+                    og = paged_decode_cpu(qg, k_cache, v_cache, g.tables, g.ctx, self.scale)
                 elif g.Tq == 1 and self.attn_backend == "triton":
-                    og = paged_attention(qg.contiguous(), k_cache, v_cache, g.tables, g.mask.sum(-1).view(-1).to(torch.int32),
-                                         self.scale, backend="triton", kv_layout="HND", validate=False)
+                    og = paged_attention(qg.contiguous(), k_cache, v_cache, g.tables, g.ctx, self.scale, backend="triton",
+                                         kv_layout="HND", validate=False)
                 else:
                     og = paged_attention_group(qg.view(g.B, g.Tq, H, D), k_cache, v_cache, g.tables, g.mask, self.scale,
                                                kv_layout="HND").reshape(-1, H, D)
