@@ -308,9 +308,12 @@ def cpu_kernel():
                 src.write_text(PAGED_DECODE_C)
                 r = subprocess.run([cc, "-x", "c", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)],
                                    capture_output=True, text=True)
-                if r.returncode: warnings.warn(f"the C paged-attention kernel did not compile, so the torch path runs instead:\n{r.stderr[-500:]}")
-                else:  # a loaded library stays mapped after its file is removed
-                    fn = ctypes.CDLL(str(lib)).paged_decode
+                try:
+                    if r.returncode: raise OSError(r.stderr[-500:])
+                    fn = ctypes.CDLL(str(lib)).paged_decode  # a loaded library stays mapped after its file is removed
+                except OSError as e:  # no compile, or a temp dir that forbids loading code from it (noexec)
+                    warnings.warn(f"the C paged-attention kernel could not be built or loaded, so the torch path runs instead:\n{e}")
+                else:
                     fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
                     _CPU_KERNEL["fn"] = fn
     return _CPU_KERNEL["fn"]
@@ -335,15 +338,23 @@ def paged_decode_cpu(q:torch.Tensor, # [B, H, D] float32, one query per sequence
                      k_new:torch.Tensor|None=None, # [B, H_kv, D]: one more key per sequence, not in the cache yet (or None)
                      v_new:torch.Tensor|None=None, # [B, H_kv, D]: its value
                     ) -> torch.Tensor: # [B, H, D]
-    "The C kernel as a torch op, so that a torch.compile'd graph calls it in place (inputs checked by the caller: `paged_attention`)."
-    if k_cache.shape[2] != 16 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError(f"the C kernel reads contiguous 'HND' caches with 16-token blocks, got shape {tuple(k_cache.shape)}")
+    "The C kernel as a torch op, so that a torch.compile'd graph calls it in place (the pool and the table are checked by the kernel)."
+    B, H, D = q.shape
+    H_kv, NB, bs, D_kv = k_cache.shape
+    shapes_ok = (bs == 16 and D == D_kv and H % H_kv == 0 and v_cache.shape == k_cache.shape and block_tables.dim() == 2
+                 and block_tables.shape[0] == B and context_lens.shape == (B,)
+                 and (k_new is None or (k_new.shape == v_new.shape == (B, H_kv, D))))
+    if not (shapes_ok and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.dtype == context_lens.dtype == torch.int32
+            and all(t.dtype == torch.float32 for t in (q, k_cache, v_cache) + (() if k_new is None else (k_new, v_new)))):
+        raise ValueError(f"the C kernel needs float32 q [B, H, D], contiguous 'HND' caches [H_kv, num_blocks, 16, D], int32 "
+                         f"block_tables [B, n] and context_lens [B] (and k_new/v_new [B, H_kv, D]); got q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)}, tables {tuple(block_tables.shape)} {block_tables.dtype}")
     q, bt, cl = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
     kn, vn = (None, None) if k_new is None else (k_new.contiguous(), v_new.contiguous())
-    out, (H_kv, NB, _, D) = torch.empty_like(q), k_cache.shape
+    out = torch.empty_like(q)
     rc = cpu_kernel()(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(), cl.data_ptr(),
                       None if kn is None else kn.data_ptr(), None if vn is None else vn.data_ptr(), out.data_ptr(),
-                      q.shape[0], q.shape[1], H_kv, D, NB, bt.shape[1], float(scale), torch.get_num_threads())
+                      B, H, H_kv, D, NB, bt.shape[1], float(scale), torch.get_num_threads())
     if rc: raise ValueError("the C kernel refused: a block it would read is outside the pool or past the table row "
                             "(or a context is empty); nothing was read. Check block_tables and context_lens")
     return out
