@@ -379,11 +379,12 @@ def paged_attention(q:torch.Tensor, # [B, H, D] one query token per sequence
     if validate: check_block_tables(block_tables, context_lens, *cache_dims(k_cache, kv_layout)[:2])
     if backend not in ("auto", "triton", "cpu", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'torch', got {backend!r}")
-    bs = cache_dims(k_cache, kv_layout)[1]
-    why_not_c = cpu_kernel_supports(q, kv_layout) or (f"it reads 16-token blocks, got {bs}" if bs != 16 else None)
-    if backend == "auto": backend = "triton" if (HAS_TRITON and q.is_cuda) else "torch" if why_not_c else "cpu"
+    def why_not_c():  # asked only when the C kernel is a candidate (the first ask compiles it)
+        bs = cache_dims(k_cache, kv_layout)[1]
+        return cpu_kernel_supports(q, kv_layout) or (f"it reads 16-token blocks, got {bs}" if bs != 16 else None)
+    if backend == "auto": backend = "triton" if (HAS_TRITON and q.is_cuda) else "torch" if why_not_c() else "cpu"
     if backend == "cpu":
-        if why_not_c: raise ValueError(f"backend='cpu' (the C kernel) cannot run this: {why_not_c}; use backend='torch'")
+        if why := why_not_c(): raise ValueError(f"backend='cpu' (the C kernel) cannot run this: {why}; use backend='torch'")
         return paged_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, float(scale))
     fn = paged_attention_triton if backend == "triton" else paged_attention_torch
     return fn(q, k_cache, v_cache, block_tables, context_lens, float(scale), kv_layout)

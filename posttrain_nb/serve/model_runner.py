@@ -111,8 +111,10 @@ class ModelRunner:
         self.scale = float(getattr(attn0, "scaling", self.D ** -0.5))
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
-        probe = torch.empty(1, self.H, self.D, dtype=self.dtype, device=self.device)
-        why_not_c = cpu_kernel_supports(probe) or (f"it reads 16-token blocks, got {block_size}" if block_size != 16 else None)
+        why_not_c = None  # asked only when the C kernel is a candidate (the first ask compiles it)
+        if attn_backend == "cpu" or (attn_backend == "auto" and self.device.type == "cpu"):
+            probe = torch.empty(1, self.H, self.D, dtype=self.dtype, device=self.device)
+            why_not_c = cpu_kernel_supports(probe) or (f"it reads 16-token blocks, got {block_size}" if block_size != 16 else None)
         if attn_backend == "cpu" and why_not_c: raise ValueError(f"attn_backend='cpu' (the C kernel) cannot serve this model: {why_not_c}")
         self.attn_backend = attn_backend if attn_backend != "auto" else "triton" if self.device.type == "cuda" else "torch" if why_not_c else "cpu"
         if not enforce_eager and self.device.type == "cpu" and cpp_compiler() is None:
