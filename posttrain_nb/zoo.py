@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_zoo.ipynb #d9aa1f42
 from __future__ import annotations
-import json, os, shutil, tempfile, time
+import contextlib, json, os, shutil, signal, tempfile, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from .tasks import ArithTask, evaluate, LEVEL_NAMES
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_NAMES', 'PACKAGED_ZOO', 'rebuild_zoo', 'build_tokenizer', 'ZooRecipe',
            'model_config', 'pretokenize', 'collate_pretokenized', 'save_model_dir', 'default_cache_dir', 'zoo_dir',
-           'model_path', 'file_digests', 'verify', 'load', 'train_zoo_model', 'rebuild', 'next_token_agreement', 'main']
+           'model_path', 'file_digests', 'verify', 'load', 'train_zoo_model', 'rebuild', 'next_token_agreement',
+           'interrupts_outside_finalizers', 'main']
 
 # %% ../nbs/02_zoo.ipynb #aba8c12e
 SPECIAL_TOKENS = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -382,6 +383,25 @@ def next_token_agreement(draft, # the proposing model
     return (pt[m] == pd[m]).float().mean().item()
 
 # %% ../nbs/02_zoo.ipynb #39eaf847
+def _interrupt_outside_finalizers(signum, frame):
+    "SIGINT handler: raise `KeyboardInterrupt`, but not inside a `__del__`, where Python prints it and drops it."
+    f = frame
+    while f is not None:
+        if f.f_code.co_name == "__del__":     # a finalizer is running: ask again once it has returned
+            signal.setitimer(signal.ITIMER_REAL, 0.05); return
+        f = f.f_back
+    raise KeyboardInterrupt
+
+@contextlib.contextmanager
+def interrupts_outside_finalizers():
+    "Within this block Ctrl-C always reaches the code that is running (the default handler loses one that lands in a `__del__`)."
+    if not hasattr(signal, "setitimer"): yield; return     # Windows: the default handler
+    old = signal.signal(signal.SIGINT, _interrupt_outside_finalizers), signal.signal(signal.SIGALRM, _interrupt_outside_finalizers)
+    try: yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGINT, old[0]); signal.signal(signal.SIGALRM, old[1])
+
 @call_parse
 def main(rebuild:bool=False, # verify the zoo and rebuild it from scratch if any file fails (about 10 minutes on 2 CPU cores)
          out:str=None, # folder to rebuild into (default: ~/.cache/posttrain_nb/zoo)
@@ -393,7 +413,8 @@ def main(rebuild:bool=False, # verify the zoo and rebuild it from scratch if any
     root = Path(out or default_cache_dir()) if rebuild else (Path(out) if out else zoo_dir())
     if rebuild:
         torch.set_num_threads(threads)
-        try: rebuild_zoo(root, force=force)
+        try:
+            with interrupts_outside_finalizers(): rebuild_zoo(root, force=force)
         except KeyboardInterrupt:
             print(f"\ninterrupted: the zoo in {root} is unchanged (the partial build was removed); "
                   "run the same command again to rebuild", file=sys.stderr)

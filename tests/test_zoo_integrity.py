@@ -149,11 +149,40 @@ def test_sigint_during_rebuild_prints_a_clean_message(tmp_path):
                          # a runner that started us in the background may have SIGINT ignored, which the child would
                          # inherit (and Python then never raises KeyboardInterrupt): give the child the default
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    line = p.stdout.readline()                         # 'building the zoo into ...': the rebuild has started
-    assert "building the zoo" in line, line + p.stderr.read()
-    time.sleep(1)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    try:
+        line = p.stdout.readline()                     # 'building the zoo into ...': the rebuild has started
+        assert "building the zoo" in line, line + p.stderr.read()
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None: p.kill(); p.wait()        # a failed check must not leave a rebuild eating the other tests' CPU
     assert p.returncode == 130, err
     assert "Traceback" not in err and "interrupted: the zoo in" in err, err
     assert not [x.name for x in out.iterdir() if x.name.startswith(".") and x.name != ".rebuild.lock"]
+
+
+_FINALIZER_SIGINT = r'''
+import os, signal, sys, time
+from posttrain_nb.zoo import interrupts_outside_finalizers
+class Finalized:
+    def __del__(self):                     # Ctrl-C lands while a finalizer runs (as it did during a CI rebuild)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000): pass         # bytecodes, so the handler runs here, inside __del__
+guard = interrupts_outside_finalizers() if sys.argv[1] == "guarded" else __import__("contextlib").nullcontext()
+try:
+    with guard:
+        Finalized()
+        time.sleep(3)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+'''
+
+@pytest.mark.parametrize("mode,expected", [("default", "not interrupted"), ("guarded", "interrupted")])
+def test_ctrl_c_inside_a_finalizer_still_interrupts_the_rebuild(mode, expected):
+    "The default handler's KeyboardInterrupt is swallowed in `__del__`; the rebuild's handler defers it instead."
+    r = subprocess.run([sys.executable, "-c", _FINALIZER_SIGINT, mode], capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert r.stdout.strip() == expected, r.stdout + r.stderr
+    assert ("Exception ignored" in r.stderr) == (mode == "default"), r.stderr
