@@ -19,9 +19,9 @@ except ImportError:
     HAS_TRITON = False
 
 # %% auto #0
-__all__ = ['KV_LAYOUTS', 'PAGED_DECODE_C', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_torch',
-           'paged_prefill_attention', 'paged_attention_group', 'paged_attention_triton', 'cpp_compiler', 'cpu_kernel',
-           'cpu_kernel_supports', 'paged_decode_cpu', 'paged_attention']
+__all__ = ['KV_LAYOUTS', 'PAGED_DECODE_C', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_group',
+           'paged_attention_torch', 'paged_prefill_attention', 'paged_attention_triton', 'cpp_compiler', 'cpu_kernel',
+           'cpu_kernel_supports', 'paged_decode_cpu', 'decode_backend', 'paged_attention']
 
 # %% ../../nbs/44_paged_attention.ipynb #65b42345
 KV_LAYOUTS = ("NHD", "HND")
@@ -104,6 +104,18 @@ def _grouped_attention(q, k, v, mask, scale):
     o = torch.matmul(p, v)  # [H_kv, B, G*Tq, D]
     return o.view(H_kv, B, G, Tq, D).permute(1, 3, 0, 2, 4).reshape(B, Tq, H, D)
 
+def paged_attention_group(q:torch.Tensor, # [B, Tq, H, D] the new queries of B sequences (Tq each: 1 = decode)
+                          k_cache:torch.Tensor, # K cache in `kv_layout`, already holding the new keys
+                          v_cache:torch.Tensor, # V cache, same layout
+                          block_tables:torch.Tensor, # [B, n] the first n table entries of each sequence (int)
+                          mask:torch.Tensor, # [B, Tq, n * block_size] bool, True where query i may see key t
+                          scale:float, # softmax scale
+                          kv_layout:str="NHD", # 'NHD' or 'HND'
+                         ) -> torch.Tensor: # [B, Tq, H, D]
+    "Attention of a bucket of sequences with similar lengths over their paged contexts: `n` comes from the host, no sync."
+    k, v = (gather_kv(x, block_tables, block_tables.shape[1], kv_layout) for x in (k_cache, v_cache))
+    return _grouped_attention(q, k, v, mask, scale)
+
 def paged_attention_torch(q:torch.Tensor, # [B, H, D] one query token per sequence
                           k_cache:torch.Tensor, # K cache in `kv_layout`
                           v_cache:torch.Tensor, # V cache, same layout
@@ -113,11 +125,8 @@ def paged_attention_torch(q:torch.Tensor, # [B, H, D] one query token per sequen
                           kv_layout:str="NHD", # 'NHD' or 'HND'
                          ) -> torch.Tensor: # [B, H, D]
     "Decode attention over a paged KV cache by gathering the blocks (the fast path on a CPU)."
-    bs = cache_dims(k_cache, kv_layout)[1]
-    n = math.ceil(int(context_lens.max()) / bs)
-    k, v = gather_kv(k_cache, block_tables, n, kv_layout), gather_kv(v_cache, block_tables, n, kv_layout)
-    mask = torch.arange(n * bs, device=q.device)[None, :] < context_lens.to(q.device).long()[:, None]  # [B, T]
-    return _grouped_attention(q[:, None], k, v, mask[:, None, :], scale)[:, 0]
+    return paged_prefill_attention(q[:, None], context_lens.long()[:, None] - 1, k_cache, v_cache, block_tables,
+                                   context_lens, scale, kv_layout, validate=False)[:, 0]
 
 def paged_prefill_attention(q:torch.Tensor, # [B, Tq, H, D] queries (padded rows are ignored by the caller)
                             q_positions:torch.Tensor, # [B, Tq] absolute position of each query
@@ -133,24 +142,10 @@ def paged_prefill_attention(q:torch.Tensor, # [B, Tq, H, D] queries (padded rows
     NB, bs = cache_dims(k_cache, kv_layout)[:2]
     if validate: check_block_tables(block_tables, context_lens, NB, bs)
     n = math.ceil(int(context_lens.max()) / bs)
-    k, v = gather_kv(k_cache, block_tables, n, kv_layout), gather_kv(v_cache, block_tables, n, kv_layout)
     t = torch.arange(n * bs, device=q.device)
     mask = (t[None, None, :] <= q_positions[:, :, None]) & (t[None, None, :] < context_lens.long()[:, None, None])
     mask[:, :, 0] |= ~mask.any(-1)  # padded query rows would see nothing (NaN); let them see key 0
-    return _grouped_attention(q, k, v, mask, scale)
-
-def paged_attention_group(q:torch.Tensor, # [B, Tq, H, D] the new queries of B sequences (Tq each: 1 = decode)
-                          k_cache:torch.Tensor, # K cache in `kv_layout`, already holding the new keys
-                          v_cache:torch.Tensor, # V cache, same layout
-                          block_tables:torch.Tensor, # [B, n] the first n table entries of each sequence (int)
-                          mask:torch.Tensor, # [B, Tq, n * block_size] bool, True where query i may see key t
-                          scale:float, # softmax scale
-                          kv_layout:str="NHD", # 'NHD' or 'HND'
-                         ) -> torch.Tensor: # [B, Tq, H, D]
-    "Attention of a bucket of sequences with similar lengths over their paged contexts: `n` comes from the host, no sync."
-    n = block_tables.shape[1]
-    k, v = gather_kv(k_cache, block_tables, n, kv_layout), gather_kv(v_cache, block_tables, n, kv_layout)
-    return _grouped_attention(q, k, v, mask, scale)
+    return paged_attention_group(q, k_cache, v_cache, block_tables[:, :n], mask, scale, kv_layout)
 
 # %% ../../nbs/44_paged_attention.ipynb #42236463
 if HAS_TRITON:
@@ -280,12 +275,8 @@ int paged_decode(const float* q, const float* kc, const float* vc, const int32_t
     for (int64_t b = 0; b < B; b++) for (int64_t h = 0; h < H; h++) {
         const int64_t g = h / (H / H_kv), i = b * H + h, ik = b * H_kv + g;
         const float *kn = k_new ? k_new + ik * D : 0, *vn = v_new ? v_new + ik * D : 0;
-        switch (D) {
-            case 16: head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, 1); break;
-            case 32: head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, 2); break;
-            case 64: head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, 4); break;
-            default: head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, 8); break;
-        }
+        #define HEAD(NV) head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, NV)
+        switch (D) { case 16: HEAD(1); break; case 32: HEAD(2); break; case 64: HEAD(4); break; default: HEAD(8); }
     }
     return 0;
 }
@@ -363,6 +354,20 @@ def paged_decode_cpu(q:torch.Tensor, # [B, H, D] float32, one query per sequence
 def _(q, k_cache, v_cache, block_tables, context_lens, scale, k_new=None, v_new=None): return torch.empty_like(q)
 
 # %% ../../nbs/44_paged_attention.ipynb #985a9522
+def decode_backend(backend:str, # 'auto', 'triton', 'cpu' (the C kernel) or 'torch'
+                   q:torch.Tensor, # queries [..., H, D] (or an empty probe with their dtype, device and head dim)
+                   block_size:int, # tokens per KV block
+                   kv_layout:str="HND", # the cache layout
+                  ) -> str: # 'triton', 'cpu' or 'torch'
+    "Resolve 'auto' (Triton on CUDA, the C kernel on a CPU where it runs, else torch); refuse 'cpu' where the C kernel cannot run, saying why."
+    if backend not in ("auto", "triton", "cpu", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'torch', got {backend!r}")
+    if backend == "auto" and q.is_cuda: return "triton" if HAS_TRITON else "torch"
+    if backend not in ("auto", "cpu"): return backend
+    why = cpu_kernel_supports(q, kv_layout) or (f"it reads 16-token blocks, got {block_size}" if block_size != 16 else None)
+    if backend == "cpu" and why: raise ValueError(f"backend='cpu' (the C kernel) cannot run this: {why}; use backend='torch'")
+    return "torch" if why else "cpu"
+
 def paged_attention(q:torch.Tensor, # [B, H, D] one query token per sequence
                     k_cache:torch.Tensor, # [num_blocks, block_size, H_kv, D] ('NHD') or [H_kv, num_blocks, block_size, D] ('HND')
                     v_cache:torch.Tensor, # same shape and layout as k_cache
@@ -377,14 +382,7 @@ def paged_attention(q:torch.Tensor, # [B, H, D] one query token per sequence
     if scale is None: scale = q.shape[-1] ** -0.5
     _check_paged_args(q, k_cache, v_cache, block_tables, context_lens, scale, kv_layout)
     if validate: check_block_tables(block_tables, context_lens, *cache_dims(k_cache, kv_layout)[:2])
-    if backend not in ("auto", "triton", "cpu", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'torch', got {backend!r}")
-    def why_not_c():  # asked only when the C kernel is a candidate (the first ask compiles it)
-        bs = cache_dims(k_cache, kv_layout)[1]
-        return cpu_kernel_supports(q, kv_layout) or (f"it reads 16-token blocks, got {bs}" if bs != 16 else None)
-    if backend == "auto": backend = "triton" if (HAS_TRITON and q.is_cuda) else "torch" if why_not_c() else "cpu"
-    if backend == "cpu":
-        if why := why_not_c(): raise ValueError(f"backend='cpu' (the C kernel) cannot run this: {why}; use backend='torch'")
-        return paged_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, float(scale))
+    backend = decode_backend(backend, q, cache_dims(k_cache, kv_layout)[1], kv_layout)
+    if backend == "cpu": return paged_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, float(scale))
     fn = paged_attention_triton if backend == "triton" else paged_attention_torch
     return fn(q, k_cache, v_cache, block_tables, context_lens, float(scale), kv_layout)

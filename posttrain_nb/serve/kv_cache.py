@@ -195,32 +195,18 @@ class BlockManager:
             b.block_hash, b.token_ids = None, ()
 
     def can_append(self, seq) -> bool:
-        "Whether `append_slot(seq)` can proceed (it needs a block for a new one, or for a copy-on-write)."
-        need_new = len(seq.block_table) < self.blocks_needed(len(seq.token_ids))
-        need_copy = not need_new and self.blocks[seq.block_table[-1]].ref_count > 1
-        return self.num_free_blocks >= int(need_new or need_copy)
+        "Whether `append_slot(seq)` finds the block it needs (for a new one, or for a copy-on-write)."
+        return self.can_grow(seq, len(seq.token_ids))
 
     def append_slot(self, seq) -> tuple|None: # (src, dst) block ids whose KV the caller must copy, or None
-        "Make room for the KV of the newest token of `seq`; copy-on-write if its block is shared."
-        bs, L = self.block_size, len(seq.token_ids)
+        "Make room for the KV of the newest token of `seq` (`grow` by one token); the block it fills becomes findable."
+        L = len(seq.token_ids)
         if self.blocks_needed(L) > len(seq.block_table) + 1:
             raise ValueError(f"sequence grew by more than one token since its last slot ({L} tokens, "
                              f"{len(seq.block_table)} blocks); call append_slot after every token")
-        copy = None
-        if len(seq.block_table) < self.blocks_needed(L):
-            seq.block_table.append(self._pop_free())
-        else:
-            last = seq.block_table[-1]
-            if self.blocks[last].ref_count > 1:  # shared with a fork: writing would change the other sequence
-                new = self._pop_free()
-                self._release(last)
-                seq.block_table[-1], copy = new, (last, new)
-        if self.enable_prefix_caching and L % bs == 0:  # the newest token fills its block: make it findable
-            parent = self.blocks[seq.block_table[-2]].block_hash if len(seq.block_table) > 1 else None
-            if len(seq.block_table) > 1 and parent is None: parent = self._hash_upto(seq.token_ids, len(seq.block_table) - 1)
-            self._register(seq.block_table[-1], chain_hash(parent, seq.token_ids[L - bs:L]), seq.token_ids[L - bs:L])
-            if seq.num_hashed_blocks == len(seq.block_table) - 1: seq.num_hashed_blocks += 1
-        return copy
+        copies = self.grow(seq, L)
+        self.cache_blocks(seq, L)
+        return copies[0] if copies else None
 
     def _hash_upto(self, token_ids, n_blocks):
         h, bs = None, self.block_size

@@ -9,7 +9,7 @@ import array, bisect, math
 import torch
 import torch.nn.functional as F
 
-from .kernels import cpp_compiler, cpu_kernel_supports, paged_attention_group, paged_attention, paged_decode_cpu
+from .kernels import cpp_compiler, decode_backend, paged_attention_group, paged_attention, paged_decode_cpu
 
 # %% auto #0
 __all__ = ['SUPPORTED_ARCHITECTURES', 'SUPPORTED_ROPE_TYPES', 'check_model_config', 'ModelRunner']
@@ -99,8 +99,6 @@ class ModelRunner:
         if hasattr(model, "peft_config"):
             raise ValueError("the engine serves plain Hugging Face models; call model.merge_and_unload() on a PEFT model")
         check_model_config(cfg, max_model_len)
-        if attn_backend not in ("auto", "cpu", "torch", "triton"):
-            raise ValueError(f"attn_backend must be 'auto', 'cpu', 'torch' or 'triton', got {attn_backend!r}")
         self.model = model.eval()
         inner = model.model
         self.embed, self.layers, self.norm, self.lm_head = inner.embed_tokens, inner.layers, inner.norm, model.lm_head
@@ -111,12 +109,8 @@ class ModelRunner:
         self.scale = float(getattr(attn0, "scaling", self.D ** -0.5))
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
         self.block_size, self.num_blocks = block_size, num_blocks
-        why_not_c = None  # asked only when the C kernel is a candidate (the first ask compiles it)
-        if attn_backend == "cpu" or (attn_backend == "auto" and self.device.type == "cpu"):
-            probe = torch.empty(1, self.H, self.D, dtype=self.dtype, device=self.device)
-            why_not_c = cpu_kernel_supports(probe) or (f"it reads 16-token blocks, got {block_size}" if block_size != 16 else None)
-        if attn_backend == "cpu" and why_not_c: raise ValueError(f"attn_backend='cpu' (the C kernel) cannot serve this model: {why_not_c}")
-        self.attn_backend = attn_backend if attn_backend != "auto" else "triton" if self.device.type == "cuda" else "torch" if why_not_c else "cpu"
+        probe = torch.empty(0, self.H, self.D, dtype=self.dtype, device=self.device)  # the first ask for the C kernel compiles it
+        self.attn_backend = decode_backend(attn_backend, probe, block_size)
         if not enforce_eager and self.device.type == "cpu" and cpp_compiler() is None:
             raise ValueError("enforce_eager=False compiles the decode step with torch.compile, which on a CPU needs a C++ "
                              "compiler (none of $CXX, g++, c++, clang++ is on the PATH): install one (apt install g++) "
