@@ -22,7 +22,7 @@ __all__ = ['ZERO_GRAD_PATIENCE', 'set_seed', 'get_device', 'enable_triton_interp
            'generate', 'check_sampling', 'sampling_probs', 'sample_token', 'token_counts', 'apply_penalties',
            'TopLogprobs', 'top_logprobs', 'find_stop', 'IncrementalDetokenizer', 'save_safetensors_atomic',
            'load_safetensors', 'TrainConfig', 'lr_at', 'sample_batch', 'OnlineData', 'TrainResult', 'train_loop',
-           'add_lora', 'export_model']
+           'add_lora', 'export_model', 'load_pretrained']
 
 # %% ../nbs/00_core.ipynb #18980478
 def set_seed(seed:int, # the seed for python, numpy and torch
@@ -917,3 +917,24 @@ def export_model(model, # a trained causal LM, plain or with peft LoRA adapters
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+def load_pretrained(path:str|Path, # a folder written by save_pretrained / export_model (or a Hub id, with download=True)
+                    dtype=None, # torch dtype to load the weights in; None keeps the stored one
+                    download:bool=False, # let a Hub id not on disk be fetched (off: nothing touches the network)
+                    tokenizer:bool=True, # also load the tokenizer saved beside the weights
+                   ) -> tuple: # (causal LM in eval mode, tokenizer or None)
+    "`AutoModelForCausalLM.from_pretrained`, refusing a checkpoint whose weights do not all load (transformers would fill the gaps with random ones)."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=not download, output_loading_info=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=not download) if tokenizer else None
+    except OSError as e:
+        if download: raise
+        raise ValueError(f"{str(path)!r} is not a model folder on disk (nor in the local Hugging Face cache), and "
+                         "nothing is downloaded unless asked: pass a local folder, or download=True") from e
+    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad := {k: v for k, v in bad.items() if v}:
+        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}{' ...' if len(v) > 4 else ''}" for k, v in bad.items())
+        raise ValueError(f"the checkpoint at {path} does not match its config ({what}); loading it would leave those "
+                         "weights random. Re-save the model, or check that the folder is the one you meant")
+    return model.eval(), tok

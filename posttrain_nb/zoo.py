@@ -13,7 +13,7 @@ from filelock import FileLock
 from fastcore.script import call_parse
 
 from .core import (set_seed, encode_for_training, masked_lm_loss, TrainConfig, train_loop, pad_sequences,
-                               pad_token_id)
+                               pad_token_id, load_pretrained)
 from .tasks import ArithTask, evaluate, LEVEL_NAMES
 
 # %% auto #0
@@ -207,7 +207,6 @@ def load(name:str, # teacher, base or draft
          device:str|None=None, # where to put the model (default: CPU)
         ) -> tuple: # (model in eval mode, tokenizer)
     "Load zoo model `name` and its tokenizer with `from_pretrained`, after checking its files against the manifest."
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     path = model_path(name, root); root = path.parent
     fix = _repair_hint(root)
     if any(root.glob(".stage-*/.complete")):
@@ -219,17 +218,9 @@ def load(name:str, # teacher, base or draft
         problems = verify(root, (name,))[name]
         if problems: raise ValueError(f"zoo model {name!r} at {path} is corrupt: {'; '.join(problems)}. {fix}")
     try:
-        with _quiet_hf():
-            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, local_files_only=True)
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)   # a zoo load never goes to the network
+        with _quiet_hf(): model, tok = load_pretrained(path)   # a zoo load never goes to the network
     except Exception as e:
         raise ValueError(f"zoo model {name!r} at {path} is corrupt ({type(e).__name__}: {e}); {fix}") from e
-    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    bad = {k: v for k, v in bad.items() if v}
-    if bad:  # transformers would fill missing weights with random ones: refuse instead
-        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}{' ...' if len(v) > 4 else ''}"
-                         for k, v in bad.items())
-        raise ValueError(f"zoo model {name!r} at {path} does not match its config ({what}); {fix}")
     if device is not None: model = model.to(device)
     return model.eval(), tok
 

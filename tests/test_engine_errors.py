@@ -167,3 +167,17 @@ def test_step_api_ids_abort_and_stream(model, reference):
     assert not llm.has_unfinished_requests() and llm.block_manager.num_free_blocks == full
     chunks = list(llm.stream(PROMPTS[3], SP))
     assert [len(c.outputs[0].token_ids) for c in chunks] == list(range(1, 9)) and chunks[-1].outputs[0].token_ids == reference[3]
+
+
+def test_a_checkpoint_missing_weights_is_refused_not_served_random(tmp_path):
+    "transformers fills missing weights with random ones and only logs it; LLM(path) and zoo-free loads refuse instead."
+    from safetensors.torch import load_file, save_file
+    from posttrain_nb import zoo
+    from posttrain_nb.core import load_pretrained
+    m, tok = zoo.load("draft")
+    m.save_pretrained(tmp_path); tok.save_pretrained(tmp_path)
+    assert LLM(str(tmp_path), max_num_seqs=2).generate([[3, 4, 5]], SP, use_tqdm=False)[0].ok   # the intact folder serves
+    f = tmp_path / "model.safetensors"; sd = load_file(f)
+    gone = next(k for k in sd if "layers.0.mlp.up_proj" in k); del sd[gone]; save_file(sd, f, metadata={"format": "pt"})
+    for load in (lambda: LLM(str(tmp_path), max_num_seqs=2), lambda: load_pretrained(tmp_path)):
+        with pytest.raises(ValueError, match=f"missing keys: {gone}.*random"): load()

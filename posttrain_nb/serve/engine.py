@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..core import IncrementalDetokenizer, encode_texts, render_prompts
+from ..core import IncrementalDetokenizer, load_pretrained, encode_texts, render_prompts
 from .kv_cache import BlockManager
 from .sequence import Sequence, SequenceStatus
 from .scheduler import Scheduler
@@ -114,22 +114,22 @@ class LLM:
             if dtype == "auto": dtype = None
             elif not isinstance(getattr(torch, dtype, None), torch.dtype): raise ValueError(f"unknown dtype {dtype!r}")
             else: dtype = getattr(torch, dtype)
-        if isinstance(model, (str, Path)):
-            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-            try:
-                config = AutoConfig.from_pretrained(model, local_files_only=not download)
-                check_model_config(config, max_model_len)
-                tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, local_files_only=not download)
-                qc = getattr(config, "quantization_config", None) or {}
-                if (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") == "compressed-tensors":
-                    if dtype is not None: raise ValueError("an FP4 (compressed-tensors) checkpoint keeps its packed weights; leave dtype unset")
-                    from .quantize import load_quantized  # FP4Linear layers; plain from_pretrained decompresses to bf16
-                    model = load_quantized(model)
-                else: model = AutoModelForCausalLM.from_pretrained(model, local_files_only=not download, dtype=dtype)
+        if isinstance(model, (str, Path)):  # core.load_pretrained: local only unless asked, never random weights
+            from transformers import AutoConfig, AutoTokenizer
+            try: config = AutoConfig.from_pretrained(model, local_files_only=not download)
             except OSError as e:
                 if download: raise
                 raise ValueError(f"{str(model)!r} is not a model folder on disk (nor in the local Hugging Face cache). The engine "
                                  "does not download unless asked: pass a local folder, or LLM(..., download=True)") from e
+            check_model_config(config, max_model_len)  # before loading any weights
+            qc = getattr(config, "quantization_config", None) or {}
+            if (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") == "compressed-tensors":
+                if dtype is not None: raise ValueError("an FP4 (compressed-tensors) checkpoint keeps its packed weights; leave dtype unset")
+                from .quantize import load_quantized  # FP4Linear layers; plain from_pretrained decompresses to bf16
+                model, tokenizer = load_quantized(model), tokenizer or AutoTokenizer.from_pretrained(model, local_files_only=True)
+            else:
+                model, tok = load_pretrained(model, dtype, download, tokenizer=tokenizer is None)
+                tokenizer = tokenizer or tok
         cfg = model.config
         check_model_config(cfg, max_model_len)  # before any allocation
         if dtype is not None or device is not None: model.to(device=device, dtype=dtype)
