@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 __all__ = ['ZERO_GRAD_PATIENCE', 'set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts',
            'encode_texts', 'pad_token_id', 'context_length', 'encode_for_training', 'logprobs_from_logits',
            'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'masked_mean', 'masked_whiten', 'Generation',
-           'generate', 'check_sampling', 'sampling_probs', 'sample_token', 'token_counts', 'apply_penalties',
-           'TopLogprobs', 'top_logprobs', 'find_stop', 'IncrementalDetokenizer', 'save_safetensors_atomic',
-           'load_safetensors', 'TrainConfig', 'lr_at', 'sample_batch', 'OnlineData', 'TrainResult', 'train_loop',
-           'add_lora', 'export_model', 'load_pretrained']
+           'eos_token_ids', 'generate', 'check_sampling', 'sampling_probs', 'sample_token', 'token_counts',
+           'apply_penalties', 'TopLogprobs', 'top_logprobs', 'find_stop', 'IncrementalDetokenizer',
+           'save_safetensors_atomic', 'load_safetensors', 'TrainConfig', 'lr_at', 'sample_batch', 'OnlineData',
+           'TrainResult', 'train_loop', 'add_lora', 'export_model', 'load_pretrained']
 
 # %% ../nbs/00_core.ipynb #18980478
 def set_seed(seed:int, # the seed for python, numpy and torch
@@ -217,6 +217,16 @@ class Generation:
         "Total generated tokens."
         return sum(len(c) for c in self.completion_ids)
 
+def eos_token_ids(model, # a causal LM: its generation_config.eos_token_id (int or list), else its config's
+                  tokenizer=None, # its tokenizer, whose eos_token_id counts too
+                 ) -> list: # the ids that end a sequence, sorted, without duplicates
+    "Every end-of-sequence id of a model and its tokenizer (HF `generate` stops at the generation config's)."
+    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if e is None: e = getattr(getattr(model, "config", None), "eos_token_id", None)
+    ids = set() if e is None else {int(t) for t in (e if isinstance(e, (list, tuple)) else [e])}
+    if tokenizer is not None and tokenizer.eos_token_id is not None: ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
 def generate(model, # a Hugging Face causal LM
              tokenizer, # its tokenizer
              prompts:Sequence[str], # user messages (rendered with the chat template unless chat=False)
@@ -239,14 +249,14 @@ def generate(model, # a Hugging Face causal LM
                                                     "set temperature > 0 to draw n > 1 samples")
     if seed is not None: torch.manual_seed(seed)
     device = next(model.parameters()).device
-    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+    pad_id, eos = pad_token_id(tokenizer), eos_token_ids(model, tokenizer)  # the engine stops at the same ids
     p_ids = encode_texts(tokenizer, render_prompts(tokenizer, prompts, chat))
     limit = context_length(model)
     for i, p in enumerate(p_ids):
         if limit is not None and len(p) + max_new_tokens > limit:
             raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
                              f"model's context of {limit}; shorten it or lower max_new_tokens")
-    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, num_return_sequences=n)
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos or None, num_return_sequences=n)
     if temperature > 0: kw.update(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p)
     else: kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     texts, out_ids, rep_prompts, t0 = [], [], [], time.perf_counter()
@@ -258,7 +268,8 @@ def generate(model, # a Hugging Face causal LM
             with torch.no_grad():
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
             for row in out[:, ids.shape[1]:].tolist():
-                if eos_id in row: row = row[:row.index(eos_id) + 1]
+                end = next((j for j, t in enumerate(row) if t in eos), None)
+                if end is not None: row = row[:end + 1]
                 else:
                     while row and row[-1] == pad_id: row.pop()
                 out_ids.append(row)

@@ -181,3 +181,20 @@ def test_a_checkpoint_missing_weights_is_refused_not_served_random(tmp_path):
     gone = next(k for k in sd if "layers.0.mlp.up_proj" in k); del sd[gone]; save_file(sd, f, metadata={"format": "pt"})
     for load in (lambda: LLM(str(tmp_path), max_num_seqs=2), lambda: load_pretrained(tmp_path)):
         with pytest.raises(ValueError, match=f"missing keys: {gone}.*random"): load()
+
+
+def test_core_generate_and_the_engine_stop_at_the_same_generation_config_eos_ids():
+    "A generation_config eos list ends core.generate (HF generate) and LLM.generate at the same token, same completion."
+    from posttrain_nb import zoo
+    from posttrain_nb.core import generate, eos_token_ids
+    m, tok = zoo.load("teacher")
+    prompts = ["12+7=", "3*4+5="]
+    free = generate(m, tok, prompts, max_new_tokens=12).completion_ids
+    j = next(j for j in range(1, len(free[0])) if free[0][j] not in free[0][:j] and free[0][j] != tok.eos_token_id)
+    stop = free[0][j]                                    # a token the model emits early: now it ends the sequence
+    m.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    assert eos_token_ids(m, tok) == sorted({tok.eos_token_id, stop})
+    hf = generate(m, tok, prompts, max_new_tokens=12).completion_ids
+    ours = [o.outputs[0].token_ids for o in LLM(m, tok, max_num_seqs=2).generate(prompts, SamplingParams(max_tokens=12), use_tqdm=False)]
+    assert hf[0] == free[0][:j + 1] and ours == hf           # cut at the new eos, and the engine agrees token for token
+    for row in hf: assert all(t != stop for t in row[:-1])

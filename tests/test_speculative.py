@@ -7,7 +7,8 @@ from posttrain_nb.core import set_seed, sampling_probs
 from posttrain_nb.serve import medusa, speculative
 from posttrain_nb.serve.speculative import (speculative_generate, speculative_decode, speculative_step_probs,
                                             verify_draft, residual_distribution, crop_cache, check_pair, accept_greedy,
-                                            expected_tokens_per_call, eos_token_ids)
+                                            expected_tokens_per_call)
+from posttrain_nb.core import eos_token_ids
 
 V = 12
 

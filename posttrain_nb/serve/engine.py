@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..core import IncrementalDetokenizer, load_pretrained, encode_texts, render_prompts
+from ..core import IncrementalDetokenizer, eos_token_ids, load_pretrained, encode_texts, render_prompts
 from .kv_cache import BlockManager
 from .sequence import Sequence, SequenceStatus
 from .scheduler import Scheduler
@@ -73,15 +73,6 @@ class _Request:
         self.rid, self.prompt, self.ids, self.params, self.metrics = rid, prompt, ids, params, metrics
         self.seqs, self.error = [], None
 
-def _eos_ids(model, tokenizer) -> list:
-    "End-of-sequence ids: the model's generation_config (an int or a list, as HF honours it) plus the tokenizer's eos."
-    ids = set()
-    for e in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-              getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if e is None: continue
-        ids.update([e] if isinstance(e, numbers.Integral) else e)
-    return sorted(int(i) for i in ids)
-
 def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 class LLM:
@@ -142,7 +133,7 @@ class LLM:
         self.block_manager = BlockManager(num_gpu_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, num_gpu_blocks, block_size, self.max_model_len, attn_backend, enforce_eager)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = self.runner.embed.num_embeddings
         self.requests, self._ids, self.num_steps, self._just_finished = {}, itertools.count(), 0, set()
         self.spec = None

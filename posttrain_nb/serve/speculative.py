@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..core import Generation, generate, render_prompts, sampling_probs, check_sampling
+from ..core import Generation, generate, render_prompts, sampling_probs, check_sampling, eos_token_ids
 from .kv_cache import BlockManager, KVSequence
 
 
 # %% auto #0
 __all__ = ['residual_distribution', 'speculative_step_probs', 'accept_greedy', 'verify_draft', 'expected_tokens_per_call',
-           'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'eos_token_ids',
-           'prompt_tensor', 'speculative_generate', 'speculative_decode', 'DraftSequence', 'draw', 'DraftModelProposer',
-           'speculates', 'SpecDecoder', 'capture_hidden', 'MedusaProposer', 'make_proposer', 'call_cost_ratio']
+           'expected_speedup', 'crop_cache', 'check_pair', 'SpecStats', 'check_context', 'prompt_tensor',
+           'speculative_generate', 'speculative_decode', 'DraftSequence', 'draw', 'DraftModelProposer', 'speculates',
+           'SpecDecoder', 'capture_hidden', 'MedusaProposer', 'make_proposer', 'call_cost_ratio']
 
 # %% ../../nbs/46_speculative.ipynb #5adfc8d0
 # the filtered distributions p and q come from core's one sampler: `sampling_probs(logits, temperature, top_k, top_p)`
@@ -168,16 +168,6 @@ def check_context(models:list, # the causal LMs that will see the sequence
         if limit is not None and prompt_len + max_new_tokens > limit:
             raise ValueError(f"the prompt has {prompt_len} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
                              f"model's context of {limit}; shorten it or lower max_new_tokens")
-
-def eos_token_ids(model, # a causal LM: its generation_config.eos_token_id (int or list), else its config's
-                  tokenizer=None, # its tokenizer, whose eos_token_id counts too
-                 ) -> list: # the ids that end a sequence, sorted, without duplicates
-    "Every end-of-sequence id of a model and its tokenizer (HF `generate` stops at the generation config's)."
-    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if e is None: e = getattr(getattr(model, "config", None), "eos_token_id", None)
-    ids = set() if e is None else {int(e)} if isinstance(e, int) else {int(t) for t in e}
-    if tokenizer is not None and tokenizer.eos_token_id is not None: ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
 
 def prompt_tensor(input_ids, # [L] or [1, L] prompt token ids
                   device, # where the models live
