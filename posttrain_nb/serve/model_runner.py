@@ -83,7 +83,7 @@ def _attn_out(layer, h, o):
 
 class _Group:
     "Sequences attended together in one step: fresh prompts (causal SDPA, no cache read) or a bucket read through the tables."
-    __slots__ = ("start", "end", "B", "Tq", "fresh", "tables", "mask", "ctx", "pad", "keep")
+    __slots__ = ("start", "end", "B", "Tq", "fresh", "tables", "mask", "ctx")
 
 class ModelRunner:
     "Runs the layers on the new tokens of a step (ragged: no padding), reading and writing the paged KV cache."
@@ -176,17 +176,12 @@ class ModelRunner:
 
     def _plan(self, seqs, num_new):
         "Host-side bookkeeping of a step: token order, positions, slots, attention groups (sequences ordered by group)."
-        bs, groups, buckets, fresh = self.block_size, [], {}, []
+        bs, groups, buckets = self.block_size, [], {}
         for i, (s, n) in enumerate(zip(seqs, num_new)):
-            if s.num_computed_tokens == 0 and n > 1: fresh.append(i)  # a fresh prompt (chunk): plain causal attention
+            if s.num_computed_tokens == 0 and n > 1: groups.append([i])  # a fresh prompt (chunk): plain causal attention
             else:  # decode, speculative verification or a later prefill chunk: bucket by Tq and a power-of-two block count
                 nb = -(-(s.num_computed_tokens + n) // bs)
                 buckets.setdefault((n, 1 << (nb - 1).bit_length()), []).append(i)
-        fresh.sort(key=lambda i: -num_new[i])  # fresh prompts of similar lengths share one padded causal SDPA call,
-        for i in fresh:                        # as long as padding stays under a quarter of their tokens
-            g = groups[-1] if groups else None
-            if g is None or (len(g) + 1) * num_new[g[0]] > 1.25 * (sum(num_new[j] for j in g) + num_new[i]): groups.append([i])
-            else: g.append(i)
         groups += buckets.values()
         order = [i for g in groups for i in g]
         ids, pos, slots, starts, out, t = [], [], [], [0] * len(seqs), [], 0
@@ -206,11 +201,6 @@ class ModelRunner:
             G.end = t0 = t0 + sum(num_new[i] for i in g)
             s0 = seqs[g[0]]
             G.fresh = s0.num_computed_tokens == 0 and G.Tq > 1
-            if G.fresh and G.B > 1:  # right-padded to the longest (the first): rows of the padded batch, and back
-                lens, pad, keep, o = [num_new[i] for i in g], [], [], G.start
-                for r, n in enumerate(lens):
-                    pad += range(o, o + n); pad += [o + n - 1] * (G.Tq - n); keep += range(r * G.Tq, r * G.Tq + n); o += n
-                G.pad, G.keep = self._ints(pad), self._ints(keep)
             if not G.fresh:
                 ctx = [seqs[i].num_computed_tokens + G.Tq for i in g]
                 n = -(-max(ctx) // bs)
@@ -288,14 +278,10 @@ class ModelRunner:
             o = q.new_empty(q.shape[0], H, D) if len(groups) > 1 else None
             for g in groups:
                 qg = q[g.start:g.end]
-                if g.fresh and g.B == 1:  # a prompt with no cached prefix: its own keys are all it sees
+                if g.fresh:  # a prompt with no cached prefix: its own keys are all it sees
                     og = F.scaled_dot_product_attention(qg.transpose(0, 1)[None], k[g.start:g.end].transpose(0, 1)[None],
                                                         v[g.start:g.end].transpose(0, 1)[None], is_causal=True,
                                                         scale=self.scale, enable_gqa=True)[0].transpose(0, 1)
-                elif g.fresh:  # several fresh prompts, right-padded: a causal row never sees the padding after it
-                    qp, kp, vp = (x[g.pad].view(g.B, g.Tq, -1, D).transpose(1, 2) for x in (q, k, v))
-                    og = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=self.scale, enable_gqa=True)
-                    og = og.transpose(1, 2).reshape(-1, H, D)[g.keep]
                 elif g.Tq == 1 and self.attn_backend == "cpu":  # the C kernel reads the blocks in place (and checks them)
                     og = paged_decode_cpu(qg, k_cache, v_cache, g.tables, g.ctx, self.scale)
                 elif g.Tq == 1 and self.attn_backend == "triton":
