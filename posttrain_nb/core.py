@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #6d03a7e4
 from __future__ import annotations
-import contextlib, dataclasses, inspect, json, math, os, random, tempfile, time
+import contextlib, dataclasses, functools, inspect, json, math, os, random, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 __all__ = ['ZERO_GRAD_PATIENCE', 'set_seed', 'get_device', 'enable_triton_interpreter', 'pad_sequences', 'render_prompts',
            'encode_texts', 'pad_token_id', 'context_length', 'encode_for_training', 'logprobs_from_logits',
            'token_logprobs', 'sequence_logprobs', 'masked_lm_loss', 'masked_mean', 'masked_whiten', 'Generation',
-           'eos_token_ids', 'generate', 'check_sampling', 'sampling_probs', 'sample_token', 'token_counts',
-           'apply_penalties', 'TopLogprobs', 'top_logprobs', 'find_stop', 'IncrementalDetokenizer',
+           'forward_cached', 'eos_token_ids', 'generate', 'check_sampling', 'sampling_probs', 'sample_token',
+           'token_counts', 'apply_penalties', 'TopLogprobs', 'top_logprobs', 'find_stop', 'IncrementalDetokenizer',
            'save_safetensors_atomic', 'load_safetensors', 'TrainConfig', 'lr_at', 'sample_batch', 'OnlineData',
            'TrainResult', 'train_loop', 'add_lora', 'export_model', 'load_pretrained']
 
@@ -216,6 +216,20 @@ class Generation:
     def n_tokens(self) -> int:
         "Total generated tokens."
         return sum(len(c) for c in self.completion_ids)
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+def forward_cached(model, # a causal LM or its decoder (model.model)
+                   cache=None, # what the previous call returned; None starts a new cache
+                   **kw, # the rest of forward's arguments (input_ids, attention_mask, position_ids, logits_to_keep, ...)
+                  ) -> tuple: # (the model output, the updated KV cache)
+    "One forward pass that continues a KV cache, whichever name this transformers gives it (`cache` in 5.x, `past_key_values` before)."
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
+    if cache is not None: kw[_cache_keyword(type(base))] = cache
+    out = model(**kw, use_cache=True)
+    return out, out["cache"] if "cache" in out else out["past_key_values"]
 
 def eos_token_ids(model, # a causal LM: its generation_config.eos_token_id (int or list), else its config's
                   tokenizer=None, # its tokenizer, whose eos_token_id counts too

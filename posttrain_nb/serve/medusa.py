@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core import Generation, TrainConfig, generate, pad_sequences, render_prompts, train_loop
+from ..core import Generation, TrainConfig, generate, pad_sequences, render_prompts, train_loop, forward_cached
 from .speculative import SpecStats, accept_greedy, check_context, crop_cache, prompt_tensor
 
 # %% auto #0
@@ -138,8 +138,8 @@ def medusa_generate(target, # the target causal LM
     was = target.training; target.eval()
     try:
         with torch.inference_mode():
-            out = dec(input_ids=ids, use_cache=True)
-            cache, h = out.past_key_values, out.last_hidden_state[0, -1]
+            out, cache = forward_cached(dec, input_ids=ids)
+            h = out.last_hidden_state[0, -1]
             stats.target_calls += 1
             while True:
                 t1 = int(W(h).argmax())
@@ -151,8 +151,8 @@ def medusa_generate(target, # the target causal LM
                 if k == 0 and (L + 1 - L0 >= max_new_tokens or t1 == eos_token_id):
                     ids = torch.cat([ids, chain[None]], 1); stats.accepted.append(0); stats.drafted.append(0)
                     break
-                out = dec(input_ids=chain[None], past_key_values=cache, use_cache=True)
-                cache, hs = out.past_key_values, out.last_hidden_state[0]
+                out, cache = forward_cached(dec, cache, input_ids=chain[None])
+                hs = out.last_hidden_state[0]
                 stats.target_calls += 1
                 pred = W(hs[:k]).argmax(-1)  # row i: the target's greedy token after chain[:i+1]
                 n = accept_greedy(guesses, pred)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..core import Generation, generate, render_prompts, sampling_probs, check_sampling, eos_token_ids
+from ..core import Generation, generate, render_prompts, sampling_probs, check_sampling, eos_token_ids, forward_cached
 from .kv_cache import BlockManager, KVSequence
 
 
@@ -216,8 +216,8 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                 k = min(gamma, max_new_tokens - (L - L0) - 1)  # the round emits at most k+1 tokens
                 drafts, qs, x = [], [], ids[:, dlen:]
                 for _ in range(k):
-                    out = draft(input_ids=x, past_key_values=dcache, use_cache=True, logits_to_keep=1)
-                    dcache, dlen = out.past_key_values, dlen + x.shape[1]; stats.draft_calls += 1
+                    out, dcache = forward_cached(draft, dcache, input_ids=x, logits_to_keep=1)
+                    dlen = dlen + x.shape[1]; stats.draft_calls += 1
                     z = out.logits[0, -1]
                     if greedy:
                         tok = z.argmax()
@@ -231,9 +231,8 @@ def speculative_generate(target, # the target causal LM (its distribution is wha
                 d = len(drafts)
                 dr = torch.stack(drafts) if d else ids.new_empty(0)
                 tlen = 0 if tcache is None else tcache.get_seq_length()
-                out = target(input_ids=torch.cat([ids[:, tlen:], dr[None]], 1), past_key_values=tcache,
-                             use_cache=True, logits_to_keep=d + 1)
-                tcache = out.past_key_values; stats.target_calls += 1
+                out, tcache = forward_cached(target, tcache, input_ids=torch.cat([ids[:, tlen:], dr[None]], 1), logits_to_keep=d + 1)
+                stats.target_calls += 1
                 z = out.logits[0]  # [d+1, V]: row i scores drafts[i], row d is the bonus
                 if greedy: n, t = verify_draft(z, None, dr)
                 else:
@@ -515,11 +514,11 @@ def call_cost_ratio(target, # target causal LM
     "Measured cost ratio c of one cached single-token forward pass, draft over target."
     def per_call(m):
         with torch.no_grad():
-            out = m(input_ids=torch.ones(1, context, dtype=torch.long), use_cache=True)
-            cache, x = out.past_key_values, torch.ones(1, 1, dtype=torch.long)
-            for _ in range(5): m(input_ids=x, past_key_values=cache, use_cache=True); crop_cache(cache, context)
+            _, cache = forward_cached(m, input_ids=torch.ones(1, context, dtype=torch.long))
+            x = torch.ones(1, 1, dtype=torch.long)
+            for _ in range(5): forward_cached(m, cache, input_ids=x); crop_cache(cache, context)
             t0 = time.process_time()  # CPU time of this process: other jobs on the machine do not count
-            for _ in range(calls): m(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1); crop_cache(cache, context)
+            for _ in range(calls): forward_cached(m, cache, input_ids=x, logits_to_keep=1); crop_cache(cache, context)
             return (time.process_time() - t0) / calls
     return per_call(draft) / per_call(target)
 

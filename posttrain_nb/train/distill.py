@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core import (TrainConfig, TrainResult, train_loop, pad_sequences, token_logprobs, encode_texts,
+from ..core import (TrainConfig, forward_cached, TrainResult, train_loop, pad_sequences, token_logprobs, encode_texts,
                                pad_token_id, sample_token)
 from ..data import prompt_ids, completion_example, collate_completions, check_same_tokenizer
 
@@ -60,9 +60,7 @@ class _CachedDecoder:
     def __call__(self, ids, mask):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         if self.cache is not None: ids, pos = ids[:, -1:], pos[:, -1:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        out, self.cache = forward_cached(self.model, self.cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         return out.logits[:, -1, :self.V].float()
 
 def lm_vocab_size(model, # a causal LM
