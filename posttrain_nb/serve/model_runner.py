@@ -226,8 +226,8 @@ class ModelRunner:
             h = attn_out(layer, h, o)
         return h
 
-    def _decode_graph(self, kv, ids, pos, tables):
-        "A decode step (one new token per sequence) as one pure graph for torch.compile: (logits, every layer's new K/V stacked)."
+    def _decode_graph(self, kv, ids, pos, tables, slots):
+        "A decode step (one new token per sequence) as one graph for torch.compile: logits; every layer's new K/V goes into `kv` at `slots` at the end."
         cached = torch.arange(tables.shape[1] * self.block_size, device=ids.device)[None] < pos[:, None]
         new, ctx = [], pos.to(torch.int32)  # tokens already cached = the new token's position
         def attend(i, q, k, v):
@@ -236,7 +236,9 @@ class ModelRunner:
                 return paged_decode_cpu(q, kv[i, 0], kv[i, 1], tables, ctx, self.scale, k, v)
             return _decode_attention(q, k, v, kv[i, 0], kv[i, 1], tables, cached, self.scale)
         logits = self.lm_head(self.norm(self._layers(self.embed(ids), pos, attend))).float()
-        return logits, torch.stack(new)  # [n_layers, 2, H_kv, B, D]
+        L, _, H_kv, NB, bs, D = kv.shape  # inductor writes the new rows in place (no copy of the pool), after every read
+        kv.view(L, 2, H_kv, NB * bs, D).index_copy_(3, slots, torch.stack(new).to(kv.dtype))
+        return logits
 
     def _forward_decode_compiled(self, seqs, logits_indices):
         "A decode step through the compiled graph: one bucket padded to the longest context, K/V read in place."
@@ -247,14 +249,12 @@ class ModelRunner:
             p = s.num_computed_tokens
             ids.append(s.token_ids[p]); pos.append(p); rix.append(rows[s][0]); slots.append(s.block_table[p // bs] * bs + p % bs)
         n = -(-(max(pos) + 1) // bs)
-        args = [self._ints(ids), self._ints(pos), self.tables[:, :n].index_select(0, self._ints(rix))]
+        args = [self._ints(ids), self._ints(pos), self.tables[:, :n].index_select(0, self._ints(rix)), self._ints(slots)]
         for a in args: torch._dynamo.maybe_mark_dynamic(a, 0)
         torch._dynamo.maybe_mark_dynamic(args[2], 1)
         # without duck sizing, a batch of 4 sequences is not tied to a 4-block context (which recompiles when they part)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            logits, new = self.compiled_decode(self.kv, *args)
-        L, _, H_kv, NB, _, D = self.kv.shape  # every layer's new K and V in one indexed store
-        self.kv.view(L, 2, H_kv, NB * bs, D).index_copy_(3, self._ints(slots), new.to(self.dtype))
+            logits = self.compiled_decode(self.kv, *args)
         if logits_indices is None: return logits
         return logits.index_select(0, self._ints(logits_indices))
 

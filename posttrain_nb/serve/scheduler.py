@@ -39,15 +39,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         "Pick the sequences of the next step and how many tokens each computes."
         out, budget, kept = SchedulerOutput([], []), self.max_num_batched_tokens, deque()
+        blocks, bs = self.bm.blocks, self.bm.block_size
         while self.running:  # 1. running sequences, oldest first: one decode token each, or the next prefill chunk
             seq = self.running.popleft()
             n = min(seq.num_new_tokens, budget)
             if n == 0: kept.append(seq); continue  # the budget is spent: it waits for the next step, keeping its blocks
-            t = seq.num_computed_tokens + n
-            while (cost := self.bm.grow_cost(seq, t)) > self.bm.num_free_blocks:
+            t, bt = seq.num_computed_tokens + n, seq.block_table
+            # most steps: one decode token into a block the sequence owns alone, nothing to grow (grow_cost's answer, inline)
+            cost = 0 if n == 1 and t <= len(bt) * bs and blocks[bt[(t - 1) // bs]].ref_count == 1 else self.bm.grow_cost(seq, t)
+            while cost > self.bm.num_free_blocks:
                 victim = self.running.pop() if self.running else seq  # recompute the newest one later
                 self.preempt(victim); out.preempted.append(victim)
                 if victim is seq: break
+                cost = self.bm.grow_cost(seq, t)
             if seq.status != SequenceStatus.RUNNING: continue
             if cost: out.block_copies += self.bm.grow(seq, t)  # most decode tokens land in a block the sequence owns
             out.seqs.append(seq); out.num_new_tokens.append(n); kept.append(seq)

@@ -38,6 +38,8 @@ class Sequence(KVSequence):
         self.num_preemptions, self.first_token_time, self.detok = 0, None, None  # detok: the front's text state
         self.pending_forks = 0  # parallel sampling: samples still to fork off this one after its prefill
         self.generator = None
+        # sample()'s fast path, decided once: greedy with nothing to process (a min_tokens request takes the general path)
+        self.plain_greedy = params.temperature == 0 and params.logprobs is None and params.min_tokens == 0 and not params.has_penalties
         if params.temperature > 0:  # its own random stream: the draw does not depend on what else is in the batch
             self.generator = torch.Generator()
             if params.seed is not None: self.generator.manual_seed(params.seed + 1_000_003 * sample_index)
