@@ -8,7 +8,7 @@ from posttrain_nb.serve import medusa, speculative
 from posttrain_nb.serve.speculative import (speculative_generate, speculative_decode, speculative_step_probs,
                                             verify_draft, residual_distribution, crop_cache, check_pair, accept_greedy,
                                             expected_tokens_per_call)
-from posttrain_nb.core import eos_token_ids
+from posttrain_nb.core import eos_token_ids, forward_cached
 
 V = 12
 
@@ -101,7 +101,7 @@ def test_step_probs_property():
 def test_cache_crop_and_draft_equal_target(pair):
     target, _ = pair
     with torch.no_grad():
-        cache = target(torch.tensor([[1, 2, 3, 4, 5]]), use_cache=True).past_key_values
+        _, cache = forward_cached(target, input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
     crop_cache(cache, 3)
     assert cache.get_seq_length() == 3
     with pytest.raises(ValueError, match="cannot crop"): crop_cache(cache, 4)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from posttrain_nb import zoo
-from posttrain_nb.core import encode_texts, pad_sequences, pad_token_id, render_prompts
+from posttrain_nb.core import encode_texts, forward_cached, pad_sequences, pad_token_id, render_prompts
 from posttrain_nb.tasks import ArithTask
 from posttrain_nb.serve.engine import LLM, SamplingParams
 
@@ -168,13 +168,12 @@ def step_cost(model, tok, batch, ctx=48, steps=8):
     eng_c = _engine_step_ms(model, tok, batch, ctx, steps, enforce_eager=False)
     x = torch.tensor([[5 + (i + j) % 50 for j in range(ctx)] for i in range(batch)])
     with torch.no_grad():
-        out = model(input_ids=x, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        hs = []
+        out, past = forward_cached(model, input_ids=x)
+        nxt, hs = out.logits[:, -1:].argmax(-1), []
         for _ in range(steps):
             t0 = time.perf_counter()
-            o = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1); hs.append(time.perf_counter() - t0)
+            o, past = forward_cached(model, past, input_ids=nxt)
+            nxt = o.logits[:, -1:].argmax(-1); hs.append(time.perf_counter() - t0)
     return {"engine_ms": eng, "engine_compiled_ms": eng_c, "hf_ms": 1e3 * float(np.median(hs))}
 
 
