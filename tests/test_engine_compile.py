@@ -115,3 +115,21 @@ def test_c_kernel_serves_the_torch_paths_tokens_eager_and_compiled(setup, monkey
     with pytest.raises(ValueError, match="head dim must be 16, 32, 64 or 128"):  # head dim 8: refused by name, not run
         LLM(tiny_llama(tok), tok, attn_backend="cpu")
     assert LLM(tiny_llama(tok), tok).runner.attn_backend == "torch"  # 'auto' falls back
+
+
+def test_compiled_decode_writes_the_cache_in_place(setup):
+    """The compiled decode graph stores every layer's new K/V into the pool itself (an index_copy_ on its input). If the
+    compiler functionalized that into a copy, every step would allocate a pool-sized tensor; the profiler sees none.
+    (Control: the same profiler does see the pool-sized allocation of a graph that clones its input.)"""
+    model, tok, ids, params = setup
+    def biggest(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof: fn()
+        return max((e.cpu_memory_usage for e in prof.events()), default=0)
+    kv, s, x = torch.zeros(2**20), torch.tensor([1, 2]), torch.tensor([1.0, 2.0])
+    clone = torch.compile(lambda kv, s, x: kv.clone().index_copy_(0, s, x)); clone(kv, s, x)
+    assert biggest(lambda: clone(kv, s, x)) >= kv.numel() * 4
+    llm = LLM(model, tok, enforce_eager=False, enable_prefix_caching=False)
+    ref = _tokens(LLM(model, tok, enable_prefix_caching=False), ids, params)
+    assert _tokens(llm, ids, params) == ref  # compiled once, and right
+    pool = llm.runner.kv.numel() * llm.runner.kv.element_size()
+    assert biggest(lambda: llm.generate(ids, params, use_tqdm=False)) < pool // 8

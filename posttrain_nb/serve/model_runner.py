@@ -46,7 +46,7 @@ def check_model_config(config, # a transformers config
 def _decode_attention(q, k_new, v_new, k_cache, v_cache, tables, cached, scale):
     """One query per sequence over its cached context plus its own new key, written as products and sums so that
     torch.compile reads K/V through the block table inside its loops: no gathered copy is materialized, and the cache
-    is only read (the new K/V are written after the graph). q [B, H, D]; k_new, v_new [B, H_kv, D]; caches 'HND';
+    is only read (the graph writes the new K/V after every read). q [B, H, D]; k_new, v_new [B, H_kv, D]; caches 'HND';
     tables [B, n]; cached [B, n * block_size] True on the context's tokens before the new one. Run eagerly it is
     slower than `paged_attention_group`; the compiled graph uses it where the C kernel cannot run."""
     B, H, D = q.shape
