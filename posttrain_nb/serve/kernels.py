@@ -274,6 +274,13 @@ int paged_decode(const float* q, const float* kc, const float* vc, const int32_t
     #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
     for (int64_t b = 0; b < B; b++) for (int64_t h = 0; h < H; h++) {
         const int64_t g = h / (H / H_kv), i = b * H + h, ik = b * H_kv + g;
+        if (h % (H / H_kv) == 0) {  // a KV head's first query head waits on memory: meanwhile pull the next KV head's blocks into L2
+            const int64_t b2 = g + 1 < H_kv ? b : b + 1, g2 = g + 1 < H_kv ? g + 1 : 0;  // (the later heads of a group hit the cache)
+            for (int64_t j = 0; b2 < B && j < ((int64_t)ctx[b2] + 15) / 16; j++) {
+                const char *Kp = (const char*)(kc + (g2 * NB + tables[b2 * n_tab + j]) * 16 * D), *Vp = (const char*)(vc + (g2 * NB + tables[b2 * n_tab + j]) * 16 * D);
+                for (int64_t x = 0; x < 64 * D; x += 64) { __builtin_prefetch(Kp + x, 0, 2); __builtin_prefetch(Vp + x, 0, 2); }
+            }
+        }
         const float *kn = k_new ? k_new + ik * D : 0, *vn = v_new ? v_new + ik * D : 0;
         #define HEAD(NV) head(q + i * D, kc, vc, tables + b * n_tab, ctx[b], g * NB, kn, vn, out + i * D, scale, NV)
         switch (D) { case 16: HEAD(1); break; case 32: HEAD(2); break; case 64: HEAD(4); break; default: HEAD(8); }
