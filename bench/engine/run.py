@@ -169,7 +169,8 @@ class VllmWorker:
         (cr, cw), (rr, rw) = os.pipe(), os.pipe()  # commands in, results out: vLLM's logs keep stdout and stderr
         self.log = open(Path(d, "log.txt"), "w")
         self.proc = subprocess.Popen([python, str(Path(d, "v.py")), str(Path(d, "in.json")), str(cr), str(rw)], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(cr, rw))
+                                     stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(cr, rw),
+                                     start_new_session=True)  # its own process group: vLLM's children are signalled with it
         os.close(cr); os.close(rw)
         self.cmds, self.results = os.fdopen(cw, "w"), os.fdopen(rr, "r")
         first = self._read()
@@ -184,9 +185,8 @@ class VllmWorker:
         return None
 
     def _signal(self, sig):
-        for p in _proc_tree(self.proc.pid):
-            try: os.kill(p, sig)
-            except ProcessLookupError: pass
+        try: os.killpg(self.proc.pid, sig)  # the worker and every process it started (they outlive a dead parent)
+        except ProcessLookupError: pass
 
     def run(self, workload):
         "One timed generate() of the workload: tokens/s, seconds, ids, and the CPU cores its processes kept busy."
@@ -202,15 +202,22 @@ class VllmWorker:
 
     def close(self):
         if self.proc is None: return
-        tree = list(_proc_tree(self.proc.pid))  # vLLM's engine-core and worker processes outlive a terminated parent
         self._signal(signal.SIGCONT); self.cmds.close()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in tree:
-                try: os.kill(p, sig)
-                except ProcessLookupError: pass
-            try: self.proc.wait(30); break
-            except subprocess.TimeoutExpired: pass
+        for sig, patience in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):  # vLLM's children outlive a dead parent
+            self._signal(sig)
+            t0 = time.time()
+            while self._group_alive() and time.time() - t0 < patience: time.sleep(0.05)
+            if self.proc.poll() is None: self.proc.wait()
         self.log.close(); self.tmp.cleanup()
+
+    def _group_alive(self) -> bool:
+        "Whether any process of the worker's group is still alive (not a zombie)."
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit(): continue
+            try: f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError): continue
+            if int(f[2]) == self.proc.pid and f[0] != "Z": self.proc.poll(); return True  # poll() reaps our own child
+        return False
 
 
 def _engine_step_ms(model, tok, batch, ctx, steps, **kw):
