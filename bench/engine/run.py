@@ -134,22 +134,15 @@ if __name__ == "__main__":
 """
 
 
-def _proc_tree(pid):
-    "{pid: CPU seconds (user + system) so far} for a process and every live descendant (Linux /proc)."
-    tick, stats = os.sysconf("SC_CLK_TCK"), {}
+def process_group(pgid):
+    "{pid: (state, CPU seconds so far)} of the live processes in a process group (Linux /proc; zombies left out)."
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit(): continue
-        try: f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        try: f = (d / "stat").read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ..., utime (11), stime (12)
         except (OSError, IndexError): continue
-        stats[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick)  # ppid, utime + stime
-    tree, grew = {pid}, True
-    while grew:
-        kids = {p for p, (pp, _) in stats.items() if pp in tree} - tree
-        tree |= kids; grew = bool(kids)
-    return {p: stats[p][1] for p in tree if p in stats}
-
-
-def tree_cpu_seconds(pid): return sum(_proc_tree(pid).values())
+        if int(f[2]) == pgid and f[0] != "Z": out[int(d.name)] = (f[0], (int(f[11]) + int(f[12])) / tick)
+    return out
 
 
 class VllmWorker:
@@ -193,11 +186,12 @@ class VllmWorker:
         "One timed generate() of the workload: tokens/s, seconds, ids, and the CPU cores its processes kept busy."
         if self.skipped: return None
         self._signal(signal.SIGCONT)  # between its runs the worker is stopped: its idle polling takes no CPU from the others
-        c0 = tree_cpu_seconds(self.proc.pid)
+        cpu = lambda: sum(c for _, c in process_group(self.proc.pid).values())
+        c0 = cpu()
         self.cmds.write(json.dumps(workload) + "\n"); self.cmds.flush()
         r = self._read()
         if r:
-            r["cpu_cores_busy"] = (tree_cpu_seconds(self.proc.pid) - c0) / r["seconds"]
+            r["cpu_cores_busy"] = (cpu() - c0) / r["seconds"]
             self._signal(signal.SIGSTOP)
         return r
 
@@ -207,18 +201,11 @@ class VllmWorker:
         for sig, patience in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):  # vLLM's children outlive a dead parent
             self._signal(sig)
             t0 = time.time()
-            while self._group_alive() and time.time() - t0 < patience: time.sleep(0.05)
-            if self.proc.poll() is None: self.proc.wait()
+            while self.proc.poll() is None or process_group(self.proc.pid):  # poll() reaps our own child
+                if time.time() - t0 > patience: break
+                time.sleep(0.05)
+        self.proc.wait()
         self.log.close(); self.tmp.cleanup()
-
-    def _group_alive(self) -> bool:
-        "Whether any process of the worker's group is still alive (not a zombie)."
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit(): continue
-            try: f = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError): continue
-            if int(f[2]) == self.proc.pid and f[0] != "Z": self.proc.poll(); return True  # poll() reaps our own child
-        return False
 
 
 def _engine_step_ms(model, tok, batch, ctx, steps, **kw):
