@@ -4,8 +4,8 @@
 
 # %% ../../nbs/45_engine.ipynb #7149b6ee
 from __future__ import annotations
-import itertools, math, numbers, time
-from dataclasses import dataclass, field
+import itertools, math, time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,8 +15,8 @@ from ..core import IncrementalDetokenizer, eos_token_ids, load_pretrained, encod
 from .kv_cache import BlockManager
 from .sequence import Sequence, SequenceStatus
 from .scheduler import Scheduler
-from .model_runner import ModelRunner, check_model_config, SUPPORTED_ARCHITECTURES
-from .sampler import SamplingParams, Logprob, sample
+from .model_runner import ModelRunner, check_model_config
+from .sampler import SamplingParams, sample, _is_int
 
 # %% auto #0
 __all__ = ['RequestMetrics', 'CompletionOutput', 'RequestOutput', 'LLM']
@@ -72,8 +72,6 @@ class _Request:
     def __init__(self, rid, prompt, ids, params, metrics):
         self.rid, self.prompt, self.ids, self.params, self.metrics = rid, prompt, ids, params, metrics
         self.seqs, self.error = [], None
-
-def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 class LLM:
     "Offline serving engine with vLLM's interface: LLM(model).generate(prompts, SamplingParams(...)), or step by step."

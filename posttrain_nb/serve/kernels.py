@@ -8,7 +8,6 @@ import ctypes, math, os, shutil, subprocess, sys, tempfile, warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 try:  # triton is an optional dependency; the torch path works without it
     import triton
@@ -20,8 +19,8 @@ except ImportError:
 
 # %% auto #0
 __all__ = ['KV_LAYOUTS', 'PAGED_DECODE_C', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_group',
-           'paged_attention_torch', 'paged_prefill_attention', 'paged_attention_triton', 'cpp_compiler', 'cpu_kernel',
-           'cpu_kernel_supports', 'paged_decode_cpu', 'decode_backend', 'paged_attention']
+           'paged_prefill_attention', 'paged_attention_triton', 'cpp_compiler', 'cpu_kernel', 'paged_decode_cpu',
+           'decode_backend', 'paged_attention']
 
 # %% ../../nbs/44_paged_attention.ipynb #65b42345
 KV_LAYOUTS = ("NHD", "HND")
@@ -92,18 +91,6 @@ def gather_kv(cache:torch.Tensor, # a K or V cache in `kv_layout`
     g = cache.view(NB, bs * H_kv * D).index_select(0, flat)
     return g.view(B, n_blocks, bs, H_kv, D).permute(3, 0, 1, 2, 4).reshape(H_kv, B, n_blocks * bs, D)
 
-def _grouped_attention(q, k, v, mask, scale):
-    "q [B, Tq, H, D], k/v [H_kv, B, T, D], mask [B, Tq, T] (True = attend) -> [B, Tq, H, D]."
-    B, Tq, H, D = q.shape
-    H_kv = k.shape[0]
-    G = H // H_kv
-    qg = q.reshape(B, Tq, H_kv, G, D).permute(2, 0, 3, 1, 4).reshape(H_kv, B, G * Tq, D)  # rows: (group, query)
-    s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [H_kv, B, G*Tq, T]
-    s = s.view(H_kv, B, G, Tq, -1).masked_fill(~mask[None, :, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).view(H_kv, B, G * Tq, -1)
-    o = torch.matmul(p, v)  # [H_kv, B, G*Tq, D]
-    return o.view(H_kv, B, G, Tq, D).permute(1, 3, 0, 2, 4).reshape(B, Tq, H, D)
-
 def paged_attention_group(q:torch.Tensor, # [B, Tq, H, D] the new queries of B sequences (Tq each: 1 = decode)
                           k_cache:torch.Tensor, # K cache in `kv_layout`, already holding the new keys
                           v_cache:torch.Tensor, # V cache, same layout
@@ -113,20 +100,16 @@ def paged_attention_group(q:torch.Tensor, # [B, Tq, H, D] the new queries of B s
                           kv_layout:str="NHD", # 'NHD' or 'HND'
                          ) -> torch.Tensor: # [B, Tq, H, D]
     "Attention of a bucket of sequences with similar lengths over their paged contexts: `n` comes from the host, no sync."
-    k, v = (gather_kv(x, block_tables, block_tables.shape[1], kv_layout) for x in (k_cache, v_cache))
-    return _grouped_attention(q, k, v, mask, scale)
-
-def paged_attention_torch(q:torch.Tensor, # [B, H, D] one query token per sequence
-                          k_cache:torch.Tensor, # K cache in `kv_layout`
-                          v_cache:torch.Tensor, # V cache, same layout
-                          block_tables:torch.Tensor, # [B, max_blocks] int32
-                          context_lens:torch.Tensor, # [B] int32, tokens of context per sequence (>= 1)
-                          scale:float, # softmax scale, usually head_dim ** -0.5
-                          kv_layout:str="NHD", # 'NHD' or 'HND'
-                         ) -> torch.Tensor: # [B, H, D]
-    "Decode attention over a paged KV cache by gathering the blocks (the fast path on a CPU)."
-    return paged_prefill_attention(q[:, None], context_lens.long()[:, None] - 1, k_cache, v_cache, block_tables,
-                                   context_lens, scale, kv_layout, validate=False)[:, 0]
+    B, Tq, H, D = q.shape
+    k, v = (gather_kv(x, block_tables, block_tables.shape[1], kv_layout) for x in (k_cache, v_cache))  # [H_kv, B, T, D]
+    H_kv = k.shape[0]
+    G = H // H_kv
+    qg = q.reshape(B, Tq, H_kv, G, D).permute(2, 0, 3, 1, 4).reshape(H_kv, B, G * Tq, D)  # rows: (group, query)
+    s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [H_kv, B, G*Tq, T]
+    s = s.view(H_kv, B, G, Tq, -1).masked_fill(~mask[None, :, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).view(H_kv, B, G * Tq, -1)
+    o = torch.matmul(p, v)  # [H_kv, B, G*Tq, D]
+    return o.view(H_kv, B, G, Tq, D).permute(1, 3, 0, 2, 4).reshape(B, Tq, H, D)
 
 def paged_prefill_attention(q:torch.Tensor, # [B, Tq, H, D] queries (padded rows are ignored by the caller)
                             q_positions:torch.Tensor, # [B, Tq] absolute position of each query
@@ -316,16 +299,6 @@ def cpu_kernel():
                     _CPU_KERNEL["fn"] = fn
     return _CPU_KERNEL["fn"]
 
-def cpu_kernel_supports(q:torch.Tensor, # [B, H, D] queries
-                        kv_layout:str="HND", # the cache layout
-                       ) -> str|None: # None if the C kernel can run these inputs, else why not
-    "Why the C kernel cannot serve these inputs (it reads fp32 'HND' caches with head dim 16, 32, 64 or 128 on a CPU), or None."
-    if q.device.type != "cpu" or q.dtype != torch.float32: return f"it runs float32 tensors on a CPU, got {q.dtype} on {q.device}"
-    if kv_layout != "HND": return f"it reads the 'HND' layout, got {kv_layout!r}"
-    if q.shape[-1] not in (16, 32, 64, 128): return f"head dim must be 16, 32, 64 or 128, got {q.shape[-1]}"
-    if cpu_kernel() is None: return "it needs Linux on an AVX-512 CPU and a C compiler"
-    return None
-
 @torch.library.custom_op("posttrain_nb::paged_decode_cpu", mutates_args=())
 def paged_decode_cpu(q:torch.Tensor, # [B, H, D] float32, one query per sequence
                      k_cache:torch.Tensor, # [H_kv, num_blocks, 16, D] float32, contiguous ('HND', block size 16)
@@ -371,7 +344,12 @@ def decode_backend(backend:str, # 'auto', 'triton', 'cpu' (the C kernel) or 'tor
         raise ValueError(f"backend must be 'auto', 'triton', 'cpu' or 'torch', got {backend!r}")
     if backend == "auto" and q.is_cuda: return "triton" if HAS_TRITON else "torch"
     if backend not in ("auto", "cpu"): return backend
-    why = cpu_kernel_supports(q, kv_layout) or (f"it reads 16-token blocks, got {block_size}" if block_size != 16 else None)
+    # the C kernel reads float32 'HND' caches of 16-token blocks with head dim 16, 32, 64 or 128, on a CPU
+    why = (f"it runs float32 tensors on a CPU, got {q.dtype} on {q.device}" if q.device.type != "cpu" or q.dtype != torch.float32
+           else f"it reads the 'HND' layout, got {kv_layout!r}" if kv_layout != "HND"
+           else f"head dim must be 16, 32, 64 or 128, got {q.shape[-1]}" if q.shape[-1] not in (16, 32, 64, 128)
+           else f"it reads 16-token blocks, got {block_size}" if block_size != 16
+           else "it needs Linux on an AVX-512 CPU and a C compiler" if cpu_kernel() is None else None)
     if backend == "cpu" and why: raise ValueError(f"backend='cpu' (the C kernel) cannot run this: {why}; use backend='torch'")
     return "torch" if why else "cpu"
 
@@ -391,5 +369,6 @@ def paged_attention(q:torch.Tensor, # [B, H, D] one query token per sequence
     if validate: check_block_tables(block_tables, context_lens, *cache_dims(k_cache, kv_layout)[:2])
     backend = decode_backend(backend, q, cache_dims(k_cache, kv_layout)[1], kv_layout)
     if backend == "cpu": return paged_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, float(scale))
-    fn = paged_attention_triton if backend == "triton" else paged_attention_torch
-    return fn(q, k_cache, v_cache, block_tables, context_lens, float(scale), kv_layout)
+    if backend == "triton": return paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, float(scale), kv_layout)
+    return paged_prefill_attention(q[:, None], context_lens.long()[:, None] - 1, k_cache, v_cache, block_tables,  # Tq = 1
+                                   context_lens, float(scale), kv_layout, validate=False)[:, 0]

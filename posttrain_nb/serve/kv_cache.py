@@ -163,17 +163,13 @@ class BlockManager:
             if self.blocks[bt[j]].ref_count > 1: cost += 1
         return cost
 
-    def _written(self, seq, num_tokens):
-        "Indices of the table entries that tokens [num_computed_tokens, num_tokens) are written into."
-        start = getattr(seq, "num_computed_tokens", num_tokens - 1)
-        return range(start // self.block_size, self.blocks_needed(num_tokens))
-
     def grow(self, seq, num_tokens:int, # tokens the table must hold after this call
             ) -> list: # [(src, dst)] block copies (copy-on-write) the caller must apply to the KV tensors
         "Give `seq` room for `num_tokens` tokens: new blocks at the tail, private copies of shared blocks about to be written."
         if not self.can_grow(seq, num_tokens): raise RuntimeError("not enough free KV blocks; check can_grow first")
         copies = []
-        for j in self._written(seq, num_tokens):
+        start = getattr(seq, "num_computed_tokens", num_tokens - 1)  # tokens [start, num_tokens) are written now
+        for j in range(start // self.block_size, self.blocks_needed(num_tokens)):
             if j >= len(seq.block_table): seq.block_table.append(self._pop_free())
             elif self.blocks[seq.block_table[j]].ref_count > 1:  # shared (a fork): writing would change the other sequence
                 old, new = seq.block_table[j], self._pop_free()

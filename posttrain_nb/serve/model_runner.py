@@ -4,7 +4,8 @@
 
 # %% ../../nbs/45d_model_runner.ipynb #1d768c5e
 from __future__ import annotations
-import array, bisect, math
+import array, math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +81,6 @@ def _attn_out(layer, h, o):
     h = h + layer.self_attn.o_proj(o.flatten(1))
     mlp, x = layer.mlp, layer.post_attention_layernorm(h)
     return h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-
-class _Group:
-    "Sequences attended together in one step: fresh prompts (causal SDPA, no cache read) or a bucket read through the tables."
-    __slots__ = ("start", "end", "B", "Tq", "fresh", "tables", "mask", "ctx")
 
 class ModelRunner:
     "Runs the layers on the new tokens of a step (ragged: no padding), reading and writing the paged KV cache."
@@ -194,13 +191,10 @@ class ModelRunner:
             slots += [bt[p // bs] * bs + p % bs for p in range(c, c + n)]
         self._sync_tables(seqs)
         t0 = 0
-        for g in groups:
-            G = _Group()
-            G.B, G.Tq = len(g), num_new[g[0]]
-            G.start = t0
-            G.end = t0 = t0 + sum(num_new[i] for i in g)
-            s0 = seqs[g[0]]
-            G.fresh = s0.num_computed_tokens == 0 and G.Tq > 1
+        for g in groups:  # sequences attended together: a fresh prompt (causal SDPA, no cache read) or a bucket read through the tables
+            Tq = num_new[g[0]]
+            G = SimpleNamespace(B=len(g), Tq=Tq, start=t0, end=t0 + Tq * len(g), fresh=seqs[g[0]].num_computed_tokens == 0 and Tq > 1)
+            t0 = G.end
             if not G.fresh:
                 ctx = [seqs[i].num_computed_tokens + G.Tq for i in g]
                 n = -(-max(ctx) // bs)
@@ -298,10 +292,6 @@ class ModelRunner:
         else:
             with torch.fx.experimental._config.patch(use_duck_shape=False):  # see _forward_decode_compiled
                 h = self._layers(self.embed(ids), pos, attend, self.compiled_pieces)
-        if logits_indices is None: logits_indices = [starts[i] + j for i, n in enumerate(num_new_tokens) for j in range(n)]
-        else:  # translate sequence-order flat positions into this step's group order
-            offs = [0]
-            for n in num_new_tokens: offs.append(offs[-1] + n)
-            logits_indices = [starts[(k := bisect.bisect_right(offs, p) - 1)] + p - offs[k] for p in logits_indices]
-        sel = self._ints(logits_indices)
+        flat = [starts[i] + j for i, n in enumerate(num_new_tokens) for j in range(n)]  # sequence order -> this step's group order
+        sel = self._ints(flat if logits_indices is None else [flat[p] for p in logits_indices])
         return self.lm_head(self.norm(h.index_select(0, sel))).float()

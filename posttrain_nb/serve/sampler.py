@@ -5,7 +5,7 @@
 # %% ../../nbs/45c_sampler.ipynb #f9808006
 from __future__ import annotations
 import math, numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/45a_sequence.ipynb #91422279
 from __future__ import annotations
-import enum, time
+import enum
 
 import torch
 
