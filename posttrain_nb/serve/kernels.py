@@ -4,7 +4,7 @@
 
 # %% ../../nbs/44_paged_attention.ipynb #578121db
 from __future__ import annotations
-import ctypes, math, os, shutil, subprocess, sys, tempfile, warnings
+import contextlib, ctypes, hashlib, math, os, shutil, subprocess, sys, tempfile, warnings
 from pathlib import Path
 
 import torch
@@ -19,8 +19,8 @@ except ImportError:
 
 # %% auto #0
 __all__ = ['KV_LAYOUTS', 'PAGED_DECODE_C', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_group',
-           'paged_prefill_attention', 'paged_attention_triton', 'cpp_compiler', 'cpu_kernel', 'paged_decode_cpu',
-           'decode_backend', 'paged_attention']
+           'paged_prefill_attention', 'paged_attention_triton', 'cpp_compiler', 'kernel_cache_dir', 'cpu_kernel',
+           'paged_decode_cpu', 'decode_backend', 'paged_attention']
 
 # %% ../../nbs/44_paged_attention.ipynb #65b42345
 KV_LAYOUTS = ("NHD", "HND")
@@ -279,24 +279,40 @@ def cpp_compiler() -> str|None:
 
 _CPU_KERNEL = {}  # the compiled kernel (a ctypes function) once loaded, or None where it cannot run
 
+def kernel_cache_dir() -> Path|None:
+    "Where a built kernel is kept for later processes ($POSTTRAIN_NB_CACHE, else $XDG_CACHE_HOME or ~/.cache, /posttrain_nb), or None if others can write there."
+    d = Path(os.environ.get("POSTTRAIN_NB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain_nb")
+    try: d.mkdir(mode=0o700, parents=True, exist_ok=True); st = d.stat()
+    except OSError: return None
+    return d if st.st_uid == os.getuid() and not st.st_mode & 0o022 else None  # never load a library someone else could plant
+
 def cpu_kernel():
-    "The C decode kernel, compiled at first use in this process (under a second), or None: no AVX-512, no compiler, or not Linux."
+    "The C decode kernel, built at first use (under a second) and kept in `kernel_cache_dir()`, or None: no AVX-512, no compiler, or not Linux."
     if "fn" not in _CPU_KERNEL:
-        _CPU_KERNEL["fn"], cc = None, cpp_compiler()
+        _CPU_KERNEL["fn"], cc, lib = None, cpp_compiler(), None
         if cc and sys.platform.startswith("linux") and torch.backends.cpu.get_cpu_capability() == "AVX512":
-            with tempfile.TemporaryDirectory(prefix="posttrain_nb_") as d:  # -march=native: built for this machine only
-                src, lib = Path(d) / "paged_decode.c", Path(d) / "paged_decode.so"
-                src.write_text(PAGED_DECODE_C)
-                r = subprocess.run([cc, "-x", "c", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)],
-                                   capture_output=True, text=True)
-                try:
-                    if r.returncode: raise OSError(r.stderr[-500:])
-                    fn = ctypes.CDLL(str(lib)).paged_decode  # a loaded library stays mapped after its file is removed
-                except OSError as e:  # no compile, or a temp dir that forbids loading code from it (noexec)
-                    warnings.warn(f"the C paged-attention kernel could not be built or loaded, so the torch path runs instead:\n{e}")
-                else:
-                    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
-                    _CPU_KERNEL["fn"] = fn
+            flags, exe = ["-x", "c", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"], shutil.which(cc)
+            cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith(("model name", "flags"))][:2]
+            key = hashlib.sha256("\n".join([PAGED_DECODE_C, exe, str(os.stat(exe).st_mtime_ns), *flags, *cpu]).encode()).hexdigest()
+            kept = (cache / f"paged_decode_{key[:24]}.so") if (cache := kernel_cache_dir()) else None  # this source, compiler, CPU
+            try: lib = ctypes.CDLL(str(kept)) if kept and kept.exists() else None
+            except OSError: kept.unlink(missing_ok=True)  # unreadable or cut short: build it again
+            if lib is None:
+                with tempfile.TemporaryDirectory(prefix="posttrain_nb_") as d:  # -march=native: built for this machine only
+                    src, out = Path(d) / "paged_decode.c", Path(d) / "paged_decode.so"
+                    src.write_text(PAGED_DECODE_C)
+                    r = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+                    try:
+                        if r.returncode: raise OSError(r.stderr[-500:])
+                        lib = ctypes.CDLL(str(out))  # a loaded library stays mapped after its file is removed
+                    except OSError as e:  # no compile, or a temp dir that forbids loading code from it (noexec)
+                        warnings.warn(f"the C paged-attention kernel could not be built or loaded, so the torch path runs instead:\n{e}")
+                    if lib is not None and kept:  # for the next process: a whole file or none (atomic rename)
+                        with contextlib.suppress(OSError): shutil.copyfile(out, tmp := kept.with_name(f"{kept.name}.{os.getpid()}")); os.replace(tmp, kept)
+        if lib is not None:
+            fn = lib.paged_decode
+            fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+            _CPU_KERNEL["fn"] = fn
     return _CPU_KERNEL["fn"]
 
 @torch.library.custom_op("posttrain_nb::paged_decode_cpu", mutates_args=())
