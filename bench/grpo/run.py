@@ -112,14 +112,15 @@ def main():
     (OUT / "results.json").write_text(json.dumps(res, indent=1))
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     ns = list(med)
     ro = [med[n]["seconds_rollout"] / a.steps for n in ns]; ot = [med[n]["seconds_other"] / a.steps for n in ns]
     ax.barh(ns, ro, label="rollout (generation)"); ax.barh(ns, ot, left=ro, label="scoring + training + overhead")
     for i, n in enumerate(ns): ax.text(ro[i] + ot[i], i, f" {med[n]['s_per_step']:.2f} s", va="center")
-    ax.set(xlabel="seconds per optimiser step", title=f"GRPO step time: {a.prompts} prompts x G={a.generations}, "
-           f"{a.max_len} tokens, {a.steps} steps (median of {a.repeats})")
-    ax.legend(loc="lower right", fontsize=8); plt.tight_layout(); fig.savefig(OUT / "step_time.png", dpi=120)
+    ax.set(xlabel="seconds per optimiser step", title=f"GRPO step time (median of {a.repeats} runs)\n{a.prompts} prompts x "
+           f"G={a.generations}, at most {a.max_len} tokens, {a.steps} steps, {env['OMP_NUM_THREADS']} thread(s)")
+    ax.set_xlim(0, 1.15 * max(r + o for r, o in zip(ro, ot)))  # room for the totals
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False); plt.tight_layout(); fig.savefig(OUT / "step_time.png", dpi=120)
     for n in ns: print(f"{n:>28}: {med[n]['s_per_step']:.2f} s/step end to end, {med[n]['s_per_step_loop']:.2f} in the "
                        f"training loop, {med[n]['seconds_rollout'] / a.steps:.2f} of it rollout")
     print(f"ours (engine) is {res['speedup_steps_per_second_vs_trl']:.2f}x TRL's steps per second "
