@@ -101,13 +101,17 @@ def sample(logits:torch.Tensor, # [B, V] float32 next-token logits, one row per 
             if ban:
                 if logits is raw: logits = logits.clone()
                 logits[i, ban] = float("-inf")
-    out = logits.argmax(-1).tolist()
-    for i, s in enumerate(seqs):
+    out, groups = logits.argmax(-1).tolist(), {}
+    for i, s in enumerate(seqs):  # sampled rows, grouped by their settings: one batched distribution per group
         p = s.params
-        if p.temperature > 0:
-            probs = sampling_probs(logits[i], p.temperature, p.top_k, p.top_p)
-            if p.min_p > 0: probs = probs * (probs >= p.min_p * probs.max())
-            out[i] = int(torch.multinomial(probs, 1, generator=s.generator))
+        if p.temperature > 0: groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+    for (t, k, tp, mp), rows in groups.items():
+        probs = sampling_probs(logits[rows], t, k, tp)
+        if mp > 0: probs = probs * (probs >= mp * probs.amax(-1, keepdim=True))
+        if not bool(torch.isfinite(probs).all()): raise ValueError("the logits hold NaN or inf: there is no distribution to sample")
+        noise = torch.empty(probs.shape, dtype=probs.dtype)  # torch.multinomial's one draw: argmax p / Exp(1), per-row noise
+        for j, i in enumerate(rows): noise[j].exponential_(generator=seqs[i].generator)
+        for i, tok in zip(rows, (probs / noise.to(probs.device)).argmax(-1).tolist()): out[i] = tok
     lps = [None] * len(seqs)
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if want:  # core.top_logprobs on the raw logits (vLLM V1's default), one call for every row that asked
