@@ -4,7 +4,7 @@
 
 # %% ../../nbs/44_paged_attention.ipynb #578121db
 from __future__ import annotations
-import contextlib, ctypes, hashlib, math, os, shutil, subprocess, sys, tempfile, warnings
+import ctypes, hashlib, math, os, shutil, subprocess, sys, tempfile, warnings
 from pathlib import Path
 
 import torch
@@ -19,8 +19,8 @@ except ImportError:
 
 # %% auto #0
 __all__ = ['KV_LAYOUTS', 'PAGED_DECODE_C', 'cache_dims', 'check_block_tables', 'gather_kv', 'paged_attention_group',
-           'paged_prefill_attention', 'paged_attention_triton', 'cpp_compiler', 'kernel_cache_dir', 'cpu_kernel',
-           'paged_decode_cpu', 'decode_backend', 'paged_attention']
+           'paged_prefill_attention', 'paged_attention_triton', 'cpp_compiler', 'kernel_cache_dir', 'build_c_library',
+           'cpu_kernel', 'paged_decode_cpu', 'decode_backend', 'paged_attention']
 
 # %% ../../nbs/44_paged_attention.ipynb #65b42345
 KV_LAYOUTS = ("NHD", "HND")
@@ -286,33 +286,44 @@ def kernel_cache_dir() -> Path|None:
     except OSError: return None
     return d if st.st_uid == os.getuid() and not st.st_mode & 0o022 else None  # never load a library someone else could plant
 
+def build_c_library(source:str, # C source
+                    name:str, # what to call it (the cached file is named after it)
+                    cc:str, # the compiler (cpp_compiler())
+                    flags:list, # compiler flags
+                   ) -> ctypes.CDLL:
+    "Compile and load a shared library; kept in `kernel_cache_dir()` under a hash of the source, compiler, flags and CPU. Raises OSError."
+    exe = shutil.which(cc)
+    cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith(("model name", "flags"))][:2]
+    key = hashlib.sha256("\n".join([source, exe, str(os.stat(exe).st_mtime_ns), *flags, *cpu]).encode()).hexdigest()[:24]
+    cache = kernel_cache_dir()
+    kept = cache / f"{name}_{key}.so" if cache else None
+    if kept and kept.exists():
+        try: return ctypes.CDLL(str(kept))
+        except OSError: kept.unlink(missing_ok=True)  # unreadable or cut short: build it again
+    with tempfile.TemporaryDirectory(prefix="posttrain_nb_") as d:
+        src, out = Path(d) / f"{name}.c", Path(d) / f"{name}.so"
+        src.write_text(source)
+        r = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+        if r.returncode: raise OSError(r.stderr[-500:])
+        lib = ctypes.CDLL(str(out))  # a loaded library stays mapped after its file is removed
+        if kept:  # for the next process: a whole file or none (an atomic rename)
+            tmp = kept.with_name(f"{kept.name}.{os.getpid()}")
+            try: shutil.copyfile(out, tmp); os.replace(tmp, kept)
+            except OSError: tmp.unlink(missing_ok=True)
+        return lib
+
 def cpu_kernel():
-    "The C decode kernel, built at first use (under a second) and kept in `kernel_cache_dir()`, or None: no AVX-512, no compiler, or not Linux."
+    "The C decode kernel, built at first use (under a second, then kept for later processes), or None: no AVX-512, no compiler, or not Linux."
     if "fn" not in _CPU_KERNEL:
-        _CPU_KERNEL["fn"], cc, lib = None, cpp_compiler(), None
+        _CPU_KERNEL["fn"], cc = None, cpp_compiler()
         if cc and sys.platform.startswith("linux") and torch.backends.cpu.get_cpu_capability() == "AVX512":
-            flags, exe = ["-x", "c", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"], shutil.which(cc)
-            cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith(("model name", "flags"))][:2]
-            key = hashlib.sha256("\n".join([PAGED_DECODE_C, exe, str(os.stat(exe).st_mtime_ns), *flags, *cpu]).encode()).hexdigest()
-            kept = (cache / f"paged_decode_{key[:24]}.so") if (cache := kernel_cache_dir()) else None  # this source, compiler, CPU
-            try: lib = ctypes.CDLL(str(kept)) if kept and kept.exists() else None
-            except OSError: kept.unlink(missing_ok=True)  # unreadable or cut short: build it again
-            if lib is None:
-                with tempfile.TemporaryDirectory(prefix="posttrain_nb_") as d:  # -march=native: built for this machine only
-                    src, out = Path(d) / "paged_decode.c", Path(d) / "paged_decode.so"
-                    src.write_text(PAGED_DECODE_C)
-                    r = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-                    try:
-                        if r.returncode: raise OSError(r.stderr[-500:])
-                        lib = ctypes.CDLL(str(out))  # a loaded library stays mapped after its file is removed
-                    except OSError as e:  # no compile, or a temp dir that forbids loading code from it (noexec)
-                        warnings.warn(f"the C paged-attention kernel could not be built or loaded, so the torch path runs instead:\n{e}")
-                    if lib is not None and kept:  # for the next process: a whole file or none (atomic rename)
-                        with contextlib.suppress(OSError): shutil.copyfile(out, tmp := kept.with_name(f"{kept.name}.{os.getpid()}")); os.replace(tmp, kept)
-        if lib is not None:
-            fn = lib.paged_decode
-            fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
-            _CPU_KERNEL["fn"] = fn
+            try:  # -march=native: built for this machine only (the CPU is part of the cache key)
+                fn = build_c_library(PAGED_DECODE_C, "paged_decode", cc, ["-x", "c", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]).paged_decode
+            except OSError as e:  # no compile, or a temp dir that forbids loading code from it (noexec)
+                warnings.warn(f"the C paged-attention kernel could not be built or loaded, so the torch path runs instead:\n{e}")
+            else:
+                fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+                _CPU_KERNEL["fn"] = fn
     return _CPU_KERNEL["fn"]
 
 @torch.library.custom_op("posttrain_nb::paged_decode_cpu", mutates_args=())
