@@ -78,3 +78,10 @@ def test_a_directory_others_can_write_is_not_used(tmp_path, monkeypatch):
     assert kernels.kernel_cache_dir() == d
     run(d.parent / "fresh")  # created on first use, only for this user
     assert (d.parent / "fresh").stat().st_mode & 0o777 == 0o700
+
+
+def test_no_home_directory_means_no_cache_not_a_crash(monkeypatch):
+    def no_home(): raise RuntimeError("Could not determine home directory.")
+    for v in ("POSTTRAIN_NB_CACHE", "XDG_CACHE_HOME"): monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(kernels.Path, "home", staticmethod(no_home))
+    assert kernels.kernel_cache_dir() is None

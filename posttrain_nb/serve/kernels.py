@@ -281,9 +281,10 @@ _CPU_KERNEL = {}  # the compiled kernel (a ctypes function) once loaded, or None
 
 def kernel_cache_dir() -> Path|None:
     "Where a built kernel is kept for later processes ($POSTTRAIN_NB_CACHE, else $XDG_CACHE_HOME or ~/.cache, /posttrain_nb), or None if others can write there."
-    d = Path(os.environ.get("POSTTRAIN_NB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain_nb")
-    try: d.mkdir(mode=0o700, parents=True, exist_ok=True); st = d.stat()
-    except OSError: return None
+    try:
+        d = Path(os.environ.get("POSTTRAIN_NB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain_nb")
+        d.mkdir(mode=0o700, parents=True, exist_ok=True); st = d.stat()
+    except (OSError, RuntimeError): return None  # no home directory, or nowhere to write
     return d if st.st_uid == os.getuid() and not st.st_mode & 0o022 else None  # never load a library someone else could plant
 
 def build_c_library(source:str, # C source
