@@ -214,7 +214,8 @@ def write_report(state:PipelineState, # a finished pipeline state
         ys = [r["accuracy"] if lvl == "all" else r["by_difficulty"].get(lvl, 0) for r in state.rows]
         ax.bar([i + (j - len(levels) / 2) * w for i in range(len(names))], ys, w, label=lvl)
     ax.set(xticks=range(len(names)), xticklabels=names, ylabel="test accuracy", ylim=(0, 1),
-           title="accuracy after each stage"); ax.legend(fontsize=8, ncol=4)
+           title="accuracy after each stage")
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)  # below: bars reach 1.0
     fig.tight_layout(); fig.savefig(out / "report.png", dpi=110); plt.close(fig)
     md = ["# posttrain-pipeline report", "", format_table(state.rows), "", "![accuracy per stage](report.png)", ""]
     (out / "report.md").write_text("\n".join(md))
