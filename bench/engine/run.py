@@ -18,6 +18,7 @@ import argparse, json, os, platform, random, signal, subprocess, sys, tempfile, 
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 import torch
 
 from posttrain_nb import zoo
@@ -275,7 +276,7 @@ def main():
                     engines = {e: make_engine(model, tok, ids, **kw) for e, kw in ENGINES.items()}
                     for wl, mts in workloads.items():
                         runs, outs = {"hf_generate": [], **{e: [] for e in ENGINES}, **{m: [] for m in vl}}, {}
-                        for _ in range(a.repeats):  # interleaved, so that a slow spell of the shared machine hits every system
+                        for _ in tqdm(range(a.repeats), desc=f"{key} {wl}", leave=False):  # interleaved: a slow spell of the shared machine hits every system
                             hf, hf_ids = run_hf(model, tok, ids, mts); runs["hf_generate"].append(hf)
                             for e, (llm, _) in engines.items():
                                 eng, eng_ids = run_engine(llm, ids, mts); runs[e].append(eng)
