@@ -108,7 +108,8 @@ def sample(logits:torch.Tensor, # [B, V] float32 next-token logits, one row per 
     for (t, k, tp, mp), rows in groups.items():
         probs = sampling_probs(logits[rows], t, k, tp)
         if mp > 0: probs = probs * (probs >= mp * probs.amax(-1, keepdim=True))
-        if not bool(torch.isfinite(probs).all()): raise ValueError("the logits hold NaN or inf: there is no distribution to sample")
+        if not bool(torch.isfinite(probs).all()): raise ValueError("the logits hold NaN or inf, so there is no distribution to sample from; the model's "
+                                                             "forward produced them: check its weights, or use float32 if float16 overflows")
         noise = torch.empty(probs.shape, dtype=probs.dtype)  # torch.multinomial's one draw: argmax p / Exp(1), per-row noise
         for j, i in enumerate(rows): noise[j].exponential_(generator=seqs[i].generator)
         for i, tok in zip(rows, (probs / noise.to(probs.device)).argmax(-1).tolist()): out[i] = tok
